@@ -1,0 +1,33 @@
+"""hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning."""
+
+from .config import GradFilterConfig
+from .formatting import InstructionFormat, tokenize_dataset
+from .norms import LoraNormRecorder, sq_norms
+from .record import GradientRecord
+from .scorer import GSNRScorer, score_dataset
+from .scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
+from .selection import select_top, top_indices
+from .trainer import GradFilterTrainer, build_ensemble, per_example_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradFilterConfig",
+    "GradFilterTrainer",
+    "GradientRecord",
+    "GSNRScorer",
+    "InstructionFormat",
+    "LoraNormRecorder",
+    "build_ensemble",
+    "ensemble_variance",
+    "grad_energy",
+    "gsnr",
+    "per_example_loss",
+    "relative_drop",
+    "score_dataset",
+    "score_parts",
+    "select_top",
+    "sq_norms",
+    "tokenize_dataset",
+    "top_indices",
+]

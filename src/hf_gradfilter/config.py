@@ -1,0 +1,141 @@
+"""`GradFilterConfig`: the `TrainingArguments` of the G-SNR proxy ensemble, in TRL's style."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .formatting import FORMATS, InstructionFormat
+
+RECORD_MODES = ("train", "snapshot", "none")
+
+
+@dataclass
+class GradFilterConfig(TrainingArguments):
+    r"""
+    Configuration of [`GradFilterTrainer`]: the proxy ensemble, how gradients are recorded, and the
+    data format. Every field is also a CLI flag of ``hf-gradfilter score`` (through
+    `HfArgumentParser`). Only the fields below are specific to GradFiltering or have another
+    default; see [`~transformers.TrainingArguments`] for the rest.
+
+    > Parameters that control the ensemble
+
+    num_members (`int`, *optional*, defaults to `5`):
+        Ensemble size M: the number of LoRA adapters (``member_0`` ... ``member_{M-1}``) trained on
+        one frozen backbone. Member m is initialised with seed ``seed + m`` and sees its own data
+        order.
+    lora_r (`int`, *optional*, defaults to `8`):
+        LoRA rank of every member.
+    lora_alpha (`int`, *optional*, defaults to `16`):
+        LoRA alpha (scaling ``lora_alpha / lora_r``).
+    lora_dropout (`float`, *optional*, defaults to `0.0`):
+        LoRA dropout. 0 keeps the recorded norms deterministic.
+    lora_target_modules (`list[str]`, *optional*):
+        Modules that get LoRA; `None` uses PEFT's default for the architecture (GPT-2: ``c_attn``;
+        Llama: ``q_proj``, ``v_proj``); ``all-linear`` targets every linear layer but the head.
+    init_lora_weights (`str`, *optional*, defaults to `"true"`):
+        PEFT's LoRA init: ``"true"`` (B = 0, A Kaiming-uniform), ``"gaussian"``, ``"pissa"``, ...
+
+    > Parameters that control recording
+
+    num_train_epochs (`float`, *optional*, defaults to `2`):
+        Epochs E of proxy training (an integer); every member sees every example once per epoch.
+    early_epoch (`int`, *optional*, defaults to `1`):
+        The early epoch s of ``G_s`` (1-based).
+    late_epoch (`int`, *optional*, defaults to `2`):
+        The late epoch t of ``G_t`` and ``V_t`` (1-based, at most ``num_train_epochs``).
+    record_mode (`str`, *optional*, defaults to `"train"`):
+        ``"train"``: the norm at the training step that visits the example (free).
+        ``"snapshot"``: a pass over all examples at the end of each epoch, at fixed weights
+        (one extra forward and backward per example, member and epoch).
+        ``"none"``: train the ensemble without recording (a baseline for overhead measurements).
+
+    > Parameters that control the data
+
+    max_length (`int`, *optional*, defaults to `512`):
+        Rows are cut to this many tokens; cut rows are counted, rows left with no response token
+        get NaN scores.
+    dataset_format (`str`, *optional*, defaults to `"auto"`):
+        ``alpaca`` (instruction/input/output), ``prompt_completion``, ``messages`` or ``auto``.
+    instruction_column, input_column, output_column, prompt_column, completion_column,
+    messages_column (`str`):
+        Column names of the formats above.
+
+    > Defaults that differ from `TrainingArguments`
+
+    learning_rate (`float`, defaults to `5e-5`): the proxy rate the paper recommends.
+    per_device_train_batch_size (`int`, defaults to `8`): examples per member per step.
+    logging_steps (`float`, defaults to `10`), save_strategy (defaults to `"no"`),
+    report_to (defaults to `"none"`).
+    """
+
+    num_members: int = field(default=5, metadata={"help": "Ensemble size M (number of LoRA members)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of every member."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of every member."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps norms deterministic)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules that get LoRA (default: PEFT's choice for the architecture; 'all-linear')."},
+    )
+    init_lora_weights: str = field(
+        default="true", metadata={"help": "PEFT LoRA init: 'true' (B=0), 'gaussian', 'pissa', 'olora', ..."}
+    )
+    early_epoch: int = field(default=1, metadata={"help": "Early epoch s of G_s (1-based)."})
+    late_epoch: int = field(default=2, metadata={"help": "Late epoch t of G_t and V_t (1-based)."})
+    record_mode: str = field(
+        default="train",
+        metadata={"help": "'train': norm at the step that visits the example; 'snapshot': end-of-epoch "
+                          "pass at fixed weights; 'none': no recording.",
+                  "choices": list(RECORD_MODES)},
+    )
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens per row (longer rows are cut)."})
+    dataset_format: str = field(
+        default="auto", metadata={"help": "Row format.", "choices": list(FORMATS)}
+    )
+    instruction_column: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
+    input_column: str = field(default="input", metadata={"help": "Alpaca input column (optional)."})
+    output_column: str = field(default="output", metadata={"help": "Alpaca output column."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column (prompt_completion)."})
+    completion_column: str = field(default="completion", metadata={"help": "Completion column."})
+    messages_column: str = field(default="messages", metadata={"help": "Conversation column (messages)."})
+
+    # TrainingArguments fields with other defaults
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Proxy training epochs (an integer)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples per member per step."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to log to."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_members < 1:
+            raise ValueError(f"num_members={self.num_members}: the ensemble needs at least 1 member (paper: 5).")
+        if self.record_mode not in RECORD_MODES:
+            raise ValueError(f"record_mode={self.record_mode!r}: choose one of {', '.join(RECORD_MODES)}.")
+        epochs = self.num_train_epochs
+        if epochs != int(epochs) or epochs < 1:
+            raise ValueError(f"num_train_epochs={epochs}: the proxy trains whole epochs; use an integer >= 1.")
+        if self.max_steps is not None and self.max_steps > 0:
+            raise ValueError(f"max_steps={self.max_steps}: the record needs whole epochs; use num_train_epochs.")
+        for name in ("early_epoch", "late_epoch"):
+            value = getattr(self, name)
+            if not 1 <= value <= epochs:
+                raise ValueError(
+                    f"{name}={value} is outside the {int(epochs)} epoch(s) trained; "
+                    f"use 1..{int(epochs)} or raise num_train_epochs."
+                )
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length}: use at least 2 tokens.")
+
+    @property
+    def instruction_format(self) -> InstructionFormat:
+        return InstructionFormat(
+            kind=self.dataset_format,
+            instruction_column=self.instruction_column,
+            input_column=self.input_column,
+            output_column=self.output_column,
+            prompt_column=self.prompt_column,
+            completion_column=self.completion_column,
+            messages_column=self.messages_column,
+        )

@@ -1,0 +1,423 @@
+"""`GradFilterTrainer`: M LoRA members on one frozen backbone, trained in one run, recording
+every example's per-member gradient norm and loss (the `GradientRecord`).
+
+One optimizer step = one batch per member, each drawn from that member's own data order:
+
+    for m in members:                     # PEFT adapter "member_m" active
+        loss_i = mean NLL over response tokens of example i          (B,)
+        backward( mean_i loss_i )         # hooks add up ||d loss_i / d LoRA_m||^2 for all i
+    clip each member's gradient by itself; one AdamW step for all members
+
+The ensemble objective is the sum of member losses (the mean up to the constant M, which would
+otherwise leak into Adam's epsilon and gradient clipping): member m gets exactly the update it
+would get if trained alone with the same seed and data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers.utils import logging
+
+from .config import GradFilterConfig
+from .formatting import tokenize_dataset
+from .norms import LoraNormRecorder
+from .record import GradientRecord
+
+logger = logging.get_logger(__name__)
+
+MEMBER_PREFIX = "member_"
+
+
+def member_name(m: int) -> str:
+    return f"{MEMBER_PREFIX}{m}"
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over each row's labelled tokens: ``(B, T, V), (B, T) -> (B,)``.
+
+    Rows with no labelled token get 0 (they are never batched by the trainer).
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
+    counts = (labels != -100).sum(dim=1)
+    return nll.sum(dim=1) / counts.clamp(min=1)
+
+
+class MemberSampler(Sampler[int]):
+    """Yields, step by step, one batch of rows per member, each from that member's permutation.
+
+    Indices are ``epoch * n + row`` so the epoch travels with every example. Member m's order in
+    epoch e is ``default_rng([seed, m, e]).permutation(n)``: reproducible, and independent of how
+    many members there are.
+    """
+
+    def __init__(self, num_rows: int, num_members: int, batch_size: int, seed: int):
+        self.n, self.num_members, self.batch_size, self.seed = num_rows, num_members, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, member: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, member, epoch]).permutation(self.n)
+
+    def __iter__(self):
+        orders = [self.order(m, self.epoch) for m in range(self.num_members)]
+        offset = self.epoch * self.n
+        for start in range(0, self.n, self.batch_size):
+            for order in orders:
+                yield from (offset + order[start : start + self.batch_size]).tolist()
+
+    def __len__(self) -> int:
+        return self.num_members * self.n
+
+
+class _EpochTagged(Dataset):
+    """Rows of a tokenized dataset, addressed by ``epoch * n + row``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitems__(self, keys):
+        n = len(self.dataset)
+        rows = self.dataset.select_columns(["example_id", "input_ids", "labels"])[[k % n for k in keys]]
+        return [
+            {"example_id": rows["example_id"][j], "input_ids": rows["input_ids"][j],
+             "labels": rows["labels"][j], "epoch": keys[j] // n}
+            for j in range(len(keys))
+        ]
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+
+def pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids``/``labels`` of a list of rows into tensors with an attention mask."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        labels[i, :k] = torch.tensor(f["labels"])
+        mask[i, :k] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "example_id": torch.tensor([f["example_id"] for f in features], dtype=torch.long),
+    }
+
+
+class MemberCollator:
+    """Splits a step's ``M * B`` rows into M padded member batches."""
+
+    def __init__(self, num_members: int, pad_token_id: int):
+        self.num_members, self.pad_token_id = num_members, pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        b = len(features) // self.num_members
+        return {
+            "members": [pad_batch(features[m * b : (m + 1) * b], self.pad_token_id) for m in range(self.num_members)],
+            "epoch": features[0]["epoch"],
+        }
+
+
+class _SnapshotCallback(TrainerCallback):
+    def __init__(self, trainer: GradFilterTrainer):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.snapshot(epoch=int(round(state.epoch)) - 1)
+
+
+def build_ensemble(model: PreTrainedModel, args: GradFilterConfig) -> PeftModel:
+    """Wrap a frozen causal LM in ``args.num_members`` LoRA adapters, member m seeded ``seed + m``."""
+    init = {"true": True, "false": False}.get(str(args.init_lora_weights).lower(), args.init_lora_weights)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        init_lora_weights=init,
+    )
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    peft_model = None
+    for m in range(args.num_members):
+        torch.manual_seed(args.seed + m)
+        if peft_model is None:
+            peft_model = get_peft_model(model, config, adapter_name=member_name(m))
+        else:
+            peft_model.add_adapter(member_name(m), config)
+    return peft_model
+
+
+class GradFilterTrainer(Trainer):
+    """Trains the G-SNR proxy ensemble and records per-example gradient norms.
+
+    Args:
+        model: a causal LM (`PreTrainedModel`) or its Hub id / local path. It is frozen and wrapped
+            in ``args.num_members`` LoRA adapters; pass an existing `PeftModel` with adapters named
+            ``member_0`` ... to reuse one.
+        args: a `GradFilterConfig`.
+        train_dataset: raw instruction rows (`datasets.Dataset` in alpaca, prompt_completion or
+            messages format). Every row is scored; rows with no response token after truncation
+            get NaN.
+        processing_class: the tokenizer (a fast one); loaded from ``model`` when it is a string.
+
+    After `train()`, ``trainer.record`` holds the `GradientRecord`; `save_model()` writes every
+    member as a PEFT adapter (``<output_dir>/member_m``) and the record beside them.
+    """
+
+    def __init__(self, model, args: GradFilterConfig | None = None, train_dataset=None, processing_class=None,
+                 callbacks=None, **kwargs):
+        args = args or GradFilterConfig(output_dir="gradfilter_output")
+        if not isinstance(args, GradFilterConfig):
+            raise TypeError(f"args must be a GradFilterConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("GradFilterTrainer needs a train_dataset: the rows to score.")
+        if isinstance(model, str):
+            processing_class = processing_class or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if processing_class is None:
+            raise ValueError("Pass processing_class=tokenizer (a fast tokenizer matching the proxy model).")
+        tokenizer = processing_class
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+        tokenized, fmt = tokenize_dataset(train_dataset, tokenizer, args.instruction_format, args.max_length)
+        self.tokenized = tokenized
+        self.instruction_format = fmt
+        counts = np.asarray(tokenized["num_response_tokens"])
+        trainable = np.flatnonzero(counts > 0)
+        self.data_stats = {
+            "num_rows": len(tokenized),
+            "num_truncated": int(np.sum(tokenized["truncated"])),
+            "num_no_response": int(len(tokenized) - len(trainable)),
+            "max_length": args.max_length,
+        }
+        if len(trainable) == 0:
+            raise ValueError(
+                f"No row has a response token within max_length={args.max_length}; raise max_length."
+            )
+        if self.data_stats["num_no_response"]:
+            logger.warning(
+                f"{self.data_stats['num_no_response']} row(s) have no response token within "
+                f"max_length={args.max_length}; they get NaN scores."
+            )
+
+        if not isinstance(model, PeftModel):
+            model = build_ensemble(model, args)
+        self.member_names = [member_name(m) for m in range(args.num_members)]
+        missing = [n for n in self.member_names if n not in model.peft_config]
+        if missing:
+            raise ValueError(f"The PeftModel lacks adapters {missing}; adapters must be named member_0 ... ")
+
+        callbacks = list(callbacks or [])
+        if args.record_mode == "snapshot":
+            callbacks.append(_SnapshotCallback(self))
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=tokenized.select(trainable),
+            processing_class=tokenizer,
+            data_collator=MemberCollator(args.num_members, tokenizer.pad_token_id),
+            callbacks=callbacks,
+            **kwargs,
+        )
+        self.recorder = LoraNormRecorder(self.model, self.member_names)
+        self.record = GradientRecord.empty(
+            tokenized["example_id"],
+            tokenized["row_hash"],
+            args.num_members,
+            int(args.num_train_epochs),
+            metadata={
+                "record_mode": args.record_mode,
+                "format": fmt.__dict__,
+                "data_stats": self.data_stats,
+                "members": self.member_names,
+                "base_model": getattr(self.model.peft_config[self.member_names[0]], "base_model_name_or_path", None),
+                "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},
+            },
+        )
+        self._member_loss = torch.zeros(args.num_members)
+        self._member_loss_steps = 0
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> DataLoader:
+        a = self.args
+        sampler = MemberSampler(len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
+                                a.data_seed if a.data_seed is not None else a.seed)
+        loader = DataLoader(
+            _EpochTagged(self.train_dataset),
+            batch_size=a.num_members * a.per_device_train_batch_size,
+            sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=a.dataloader_num_workers,
+            pin_memory=a.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def _activate(self, name) -> None:
+        self.accelerator.unwrap_model(self.model).base_model.set_adapter(name)
+
+    def train(self, *args, **kwargs):
+        self._activate(self.member_names)  # every member trainable when the optimizer is built
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._activate(self.member_names)
+
+    def _member_forward(self, model, batch) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_example_loss(logits, batch["labels"])
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        epoch = int(inputs["epoch"])
+        record = self.args.record_mode == "train"
+        ga = self.current_gradient_accumulation_steps
+        total = torch.zeros((), device=self.args.device)
+        for m, (name, batch) in enumerate(zip(self.member_names, inputs["members"])):
+            self._activate(name)
+            if record:
+                self.recorder.start(len(batch["input_ids"]), self.args.device)
+            losses = self._member_forward(model, batch)
+            loss = losses.mean() / ga
+            self.accelerator.backward(loss)
+            self._check_finite(losses, batch["example_id"], name)
+            if record:
+                # backward saw sum_i loss_i / (B * ga) (times the fp16 loss scale, if any)
+                scale = len(losses) * ga / self._loss_scale()
+                self._store(batch["example_id"], m, epoch, self.recorder.stop().sqrt() * scale, losses)
+            total += loss.detach()
+            self._member_loss[m] += loss.detach().cpu() * ga
+        self._member_loss_steps += 1
+        return total / len(self.member_names)
+
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _check_finite(self, losses, example_ids, name):
+        bad = ~torch.isfinite(losses.detach())
+        if bad.any():
+            ids = example_ids[bad].tolist()
+            self.save_record()
+            raise FloatingPointError(
+                f"Non-finite loss for example id(s) {ids[:20]} ({name}, global step {self.state.global_step}); "
+                "the partial record was saved. Lower the learning rate, or use fp32."
+            )
+
+    def _store(self, example_ids, m, epoch, norms, losses) -> None:
+        rows = example_ids.cpu().numpy()
+        self.record.norms[rows, m, epoch] = norms.detach().float().cpu().numpy()
+        self.record.losses[rows, m, epoch] = losses.detach().float().cpu().numpy()
+
+    def _clip_grad_norm(self, model):
+        """Clip each member's gradient by itself, so members stay independent; returns the total norm."""
+        self.accelerator.unscale_gradients()
+        unwrapped = self.accelerator.unwrap_model(model)
+        sq = 0.0
+        for name in self.member_names:
+            params = [p for n, p in unwrapped.named_parameters() if f".{name}." in n and p.grad is not None]
+            sq += float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)) ** 2
+        return torch.tensor(math.sqrt(sq))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._member_loss_steps:
+            for m, value in enumerate((self._member_loss / self._member_loss_steps).tolist()):
+                logs[f"loss_{member_name(m)}"] = round(value, 4)
+            self._member_loss.zero_()
+            self._member_loss_steps = 0
+        super().log(logs, *args, **kwargs)
+
+    # ---- snapshot mode -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _no_grad_noop(self):  # pragma: no cover - placeholder to keep decorators imported
+        pass
+
+    def snapshot(self, epoch: int) -> None:
+        """Record every example's norm and loss for every member at the current weights (epoch is 0-based)."""
+        model = self.model
+        was_training = model.training
+        model.eval()  # no dropout: the norm at fixed weights
+        unwrapped = self.accelerator.unwrap_model(model)
+        bs = self.args.per_device_eval_batch_size
+        rows = self.train_dataset
+        progress = tqdm(total=len(self.member_names) * len(rows), desc=f"Snapshot epoch {epoch + 1}",
+                        disable=self.args.disable_tqdm)
+        for m, name in enumerate(self.member_names):
+            self._activate(name)
+            params = [p for n, p in unwrapped.named_parameters() if f".{name}." in n]
+            for start in range(0, len(rows), bs):
+                chunk = rows[start : start + bs]
+                feats = [{"input_ids": i, "labels": l, "example_id": e}
+                         for i, l, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
+                batch = self._prepare_inputs(pad_batch(feats, self.processing_class.pad_token_id))
+                self.recorder.start(len(feats), self.args.device)
+                losses = self._member_forward(model, batch)
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                self._store(batch["example_id"], m, epoch, self.recorder.stop().sqrt(), losses)
+                progress.update(len(feats))
+        progress.close()
+        self._activate(self.member_names)
+        model.train(was_training)
+
+    # ---- saving --------------------------------------------------------------------------------
+
+    def save_record(self, output_dir: str | None = None) -> str:
+        return self.record.save(output_dir or self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save every member as a PEFT adapter (``output_dir/member_m``), the record and the tokenizer."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.is_world_process_zero():
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.save_pretrained(output_dir, selected_adapters=self.member_names)
+        self.processing_class.save_pretrained(output_dir)
+        self.save_record(output_dir)
+        with open(os.path.join(output_dir, "gradfilter_config.json"), "w") as f:
+            json.dump(self.record.metadata, f, indent=2, default=str)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.is_world_process_zero() and os.path.isdir(checkpoint):
+            self.save_record(checkpoint)
+
+    def member_loss_table(self) -> np.ndarray:
+        """``(M, E)`` mean recorded loss per member and epoch (NaN where nothing was recorded)."""
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmean(self.record.losses, axis=0)

@@ -86,7 +86,6 @@ def test_train_mode_norms_equal_batch_size_one_reference(arch, tokenizer, alpaca
     trainer.train()
     record = trainer.record
     assert not np.isnan(record.norms).any()
-    sampler = trainer.get_train_dataloader().base_dataloader.sampler if hasattr(trainer.get_train_dataloader(), "base_dataloader") else None
     b, n = args.per_device_train_batch_size, len(alpaca_small)
     steps_per_epoch = -(-n // b)
     for epoch in range(2):
@@ -97,7 +96,6 @@ def test_train_mode_norms_equal_batch_size_one_reference(arch, tokenizer, alpaca
                 weights = capture.steps[epoch * steps_per_epoch + k]
                 ref = reference_norms(trainer, weights, m, ids)
                 np.testing.assert_allclose(record.norms[ids, m, epoch], ref, rtol=1e-4)
-    del sampler
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -26,6 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .config import GradFilterConfig
@@ -155,6 +156,7 @@ def build_ensemble(model: PreTrainedModel, args: GradFilterConfig) -> PeftModel:
         lora_dropout=args.lora_dropout,
         target_modules=args.lora_target_modules,
         init_lora_weights=init,
+        fan_in_fan_out=any(isinstance(mod, Conv1D) for mod in model.modules()),  # GPT-2 stores W transposed
     )
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
@@ -357,10 +359,6 @@ class GradFilterTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # ---- snapshot mode -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _no_grad_noop(self):  # pragma: no cover - placeholder to keep decorators imported
-        pass
 
     def snapshot(self, epoch: int) -> None:
         """Record every example's norm and loss for every member at the current weights (epoch is 0-based)."""

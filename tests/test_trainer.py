@@ -1,0 +1,137 @@
+"""GradFilterTrainer behaviour: recording never changes training, members are independent, saving reloads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord
+from hf_gradfilter.tiny import tiny_gpt2
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), num_members=2, per_device_train_batch_size=4, num_train_epochs=2,
+                learning_rate=5e-3, lora_r=4, lora_alpha=8, max_length=256, disable_tqdm=True, seed=3,
+                use_cpu=True)
+    base.update(kw)
+    return GradFilterConfig(**base)
+
+
+def train(tokenizer, dataset, tmp_path, **kw):
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path, **kw),
+                                train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def lora_state(trainer, member=None):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+            if "lora_" in n and (member is None or f".{member}." in n)}
+
+
+@pytest.mark.parametrize("mode", ["train", "snapshot"])
+def test_recording_does_not_change_the_trained_adapters(mode, tokenizer, alpaca_small, tmp_path):
+    plain = lora_state(train(tokenizer, alpaca_small, tmp_path / "a", record_mode="none"))
+    recorded = lora_state(train(tokenizer, alpaca_small, tmp_path / "b", record_mode=mode))
+    assert plain.keys() == recorded.keys()
+    for name in plain:
+        torch.testing.assert_close(recorded[name], plain[name], rtol=0, atol=0)
+
+
+def test_member_trains_as_if_alone(tokenizer, alpaca_small, tmp_path):
+    ensemble = train(tokenizer, alpaca_small, tmp_path / "m2", num_members=2)
+    alone = train(tokenizer, alpaca_small, tmp_path / "m1", num_members=1)
+    a, b = lora_state(ensemble, "member_0"), lora_state(alone, "member_0")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ensemble.record.norms[:, :1], alone.record.norms, rtol=1e-5)
+
+
+def test_members_differ_in_init_and_norms(tokenizer, alpaca_small, tmp_path):
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
+                                train_dataset=alpaca_small, processing_class=tokenizer)
+    a0 = {n.replace("member_0", "X"): p.detach().clone() for n, p in trainer.model.named_parameters() if ".member_0." in n}
+    a1 = {n.replace("member_1", "X"): p.detach().clone() for n, p in trainer.model.named_parameters() if ".member_1." in n}
+    assert a0.keys() == a1.keys()
+    assert any(not torch.equal(a0[k], a1[k]) for k in a0 if "lora_A" in k)
+    trainer.train()
+    norms = trainer.record.norms
+    assert not np.allclose(norms[:, 0], norms[:, 1])
+
+
+def test_backbone_stays_frozen(tokenizer, alpaca_small, tmp_path):
+    model = tiny_gpt2(tokenizer, n_embd=32, n_head=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = GradFilterTrainer(model, args=config(tmp_path), train_dataset=alpaca_small, processing_class=tokenizer)
+    trainer.train()
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+             for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    for name, p in before.items():
+        assert torch.equal(after[name], p), name
+
+
+def test_saved_members_reload_with_peft_and_give_the_same_loss(tokenizer, alpaca_small, tmp_path):
+    trainer = train(tokenizer, alpaca_small, tmp_path)
+    trainer.save_model()
+    batch = tokenizer(["### Instruction:\nWhat is 3 plus 4?\n\n### Response:\n3 plus 4 is 7."], return_tensors="pt")
+    for m in range(2):
+        path = tmp_path / f"member_{m}"
+        assert (path / "adapter_config.json").exists() and (path / "adapter_model.safetensors").exists()
+        trainer.model.base_model.set_adapter(f"member_{m}")
+        trainer.model.eval()
+        with torch.no_grad():
+            expected = trainer.model(**batch, labels=batch["input_ids"]).loss
+        base = tiny_gpt2(tokenizer, n_embd=32, n_head=2)
+        reloaded = PeftModel.from_pretrained(base, str(path)).eval()
+        with torch.no_grad():
+            got = reloaded(**batch, labels=batch["input_ids"]).loss
+        torch.testing.assert_close(got, expected)
+    record = GradientRecord.load(str(tmp_path))
+    np.testing.assert_array_equal(record.norms, trainer.record.norms)
+    assert record.metadata["config"]["num_members"] == 2
+    assert json.load(open(tmp_path / "gradfilter_config.json"))["record_mode"] == "train"
+
+
+def test_record_holds_norms_and_losses_for_every_example_member_and_epoch(tokenizer, alpaca_small, tmp_path):
+    trainer = train(tokenizer, alpaca_small, tmp_path, num_members=3, num_train_epochs=3, late_epoch=3)
+    record = trainer.record
+    assert record.norms.shape == record.losses.shape == (10, 3, 3)
+    assert np.isfinite(record.norms).all() and (record.norms > 0).all()
+    assert np.isfinite(record.losses).all()
+    table = trainer.member_loss_table()
+    assert table.shape == (3, 3) and (table[:, -1] < table[:, 0]).all()  # every member learned
+
+
+def test_rows_without_response_tokens_get_nan_and_are_counted(tokenizer, alpaca_small, tmp_path):
+    long_prompt = alpaca_small.map(lambda r, i: {"input": r["input"] + " word" * 400 if i < 2 else r["input"]},
+                                   with_indices=True)
+    trainer = train(tokenizer, long_prompt, tmp_path)
+    assert trainer.data_stats["num_no_response"] == 2 and trainer.data_stats["num_truncated"] >= 2
+    assert np.isnan(trainer.record.norms[:2]).all()
+    assert np.isfinite(trainer.record.norms[2:]).all()
+
+
+def test_non_finite_loss_names_the_examples_and_keeps_the_record(tokenizer, alpaca_small, tmp_path):
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
+                                train_dataset=alpaca_small, processing_class=tokenizer)
+    with torch.no_grad():
+        trainer.model.base_model.model.transformer.wte.weight[tokenizer.eos_token_id] = float("nan")
+    with pytest.raises(FloatingPointError, match="example id"):
+        trainer.train()
+    assert os.path.exists(tmp_path / "gradient_record.safetensors")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(late_epoch=3), "late_epoch=3 is outside the 2 epoch"),
+    (dict(num_members=0), "num_members=0"),
+    (dict(num_train_epochs=1.5), "num_train_epochs=1.5"),
+    (dict(record_mode="sometimes"), "record_mode='sometimes'"),
+])
+def test_bad_config_is_refused_with_the_value_named(bad, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **bad)

@@ -1,0 +1,251 @@
+"""``hf-gradfilter``: score a dataset with the G-SNR proxy ensemble, select its top rows, or run the demo.
+
+    hf-gradfilter demo   --output_dir demo_out                 # embedded default, offline
+    hf-gradfilter score  --dataset_name tatsu-lab/alpaca --model_name_or_path gpt2 --output_dir out
+    hf-gradfilter select --scored out/scored --ratio 0.1
+
+Every ``GradFilterConfig`` / ``TrainingArguments`` field is a flag of ``score`` and ``demo``
+(``--num_members``, ``--learning_rate``, ``--record_mode snapshot`` ...); ``--help`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import HfArgumentParser
+
+from .config import GradFilterConfig
+from .metrics import auroc
+
+
+@dataclass
+class ScoreArguments:
+    """What to score and with which proxy."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A local .json/.jsonl/.csv/.parquet file, a folder saved with save_to_disk, or a Hub "
+                          "dataset id (e.g. tatsu-lab/alpaca)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to score."})
+    model_name_or_path: str = field(default="gpt2", metadata={"help": "Proxy causal LM: Hub id or local path."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub (off)."})
+    demo: bool = field(default=False, metadata={"help": "Score the embedded demo dataset with the tiny demo proxy."})
+    demo_rows: int = field(default=3000, metadata={"help": "Rows of the demo dataset."})
+    demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
+    demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
+
+
+@dataclass
+class SelectArguments:
+    """Which rows to keep."""
+
+    scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
+    score_column: str = field(default="gsnr", metadata={"help": "Column to rank by (higher is kept)."})
+    ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})
+    top_k: int | None = field(default=None, metadata={"help": "Number of rows to keep (instead of --ratio)."})
+    output: str | None = field(
+        default=None,
+        metadata={"help": "Where to write the selection: a folder (save_to_disk) or a .jsonl/.json/.parquet file. "
+                          "Default: next to the scored data, named after the column and ratio."},
+    )
+
+
+@dataclass
+class DemoArguments:
+    """The embedded default."""
+
+    demo_rows: int = field(default=3000, metadata={"help": "Rows of the demo dataset (20% corrupted)."})
+    ratio: float = field(default=0.1, metadata={"help": "Fraction of rows to select."})
+    demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
+    demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
+
+
+def load_rows(name: str, config: str | None = None, split: str = "train"):
+    """A `datasets.Dataset` from a local file, a save_to_disk folder, or the Hub."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isfile(name):
+        ext = name.rsplit(".", 1)[-1].lower()
+        builder = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}.get(ext)
+        if builder is None:
+            raise ValueError(f"Cannot read {name!r}: use a .json, .jsonl, .csv or .parquet file.")
+        try:
+            return load_dataset(builder, data_files=name, split="train")
+        except StopIteration:  # datasets' json reader on a file with no rows
+            raise ValueError(f"The dataset file {name!r} is empty: there is nothing to score.") from None
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(os.path.join(name, "dataset_dict.json")):
+            data = load_from_disk(name)
+            if isinstance(data, DatasetDict):
+                if split not in data:
+                    raise ValueError(f"Split {split!r} not in {name} (splits: {list(data)}); pass --dataset_split.")
+                data = data[split]
+            return data
+        return load_dataset(name, config, split=split)
+    if os.sep in name and not name.count("/") == 1:
+        raise FileNotFoundError(f"No file or folder {name!r}, and it is not a Hub dataset id (namespace/name).")
+    return load_dataset(name, config, split=split)
+
+
+def save_rows(dataset, path: str) -> str:
+    ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+    if ext in ("jsonl", "json"):
+        dataset.to_json(path, lines=ext == "jsonl")
+    elif ext == "parquet":
+        dataset.to_parquet(path)
+    else:
+        dataset.save_to_disk(path)
+    return path
+
+
+def score(args: ScoreArguments, config: GradFilterConfig):
+    """Train the ensemble, record norms, write members + record + the scored dataset. Returns the trainer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .scorer import score_dataset
+    from .trainer import GradFilterTrainer
+
+    if args.demo:
+        from .demo import demo_proxy
+        from .demo_data import make_demo_dataset
+
+        rows = make_demo_dataset(num_rows=args.demo_rows)
+        model, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
+    else:
+        if not args.dataset_name:
+            raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
+        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
+                                                     trust_remote_code=args.trust_remote_code)
+    trainer = GradFilterTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    scored = score_dataset(rows, trainer.record)
+    scored_path = save_rows(scored, os.path.join(config.output_dir, "scored"))
+    trainer.scored, trainer.scored_path = scored, scored_path
+    _print_score_summary(trainer)
+    return trainer
+
+
+def _print_score_summary(trainer) -> None:
+    table = trainer.member_loss_table()
+    stats = trainer.data_stats
+    print("\nProxy ensemble: mean response loss per member and epoch "
+          f"({trainer.args.record_mode} mode)")
+    print("  member   " + "  ".join(f"epoch {e + 1:>2}" for e in range(table.shape[1])))
+    for m, row in enumerate(table):
+        print(f"  {m:>6}   " + "  ".join(f"{v:8.4f}" for v in row))
+    print(f"Rows: {stats['num_rows']}, truncated to max_length={stats['max_length']}: {stats['num_truncated']}, "
+          f"no response token (NaN score): {stats['num_no_response']}")
+    out = trainer.args.output_dir
+    print(f"Members (PEFT adapters): {out}/member_0 ... member_{trainer.args.num_members - 1}")
+    print(f"Gradient record:         {out}/gradient_record.safetensors")
+    print(f"Scored dataset:          {trainer.scored_path}")
+
+
+def select(args: SelectArguments):
+    from .selection import select_top
+
+    if args.ratio is None and args.top_k is None:
+        args.ratio = 0.1
+    if args.ratio is not None and args.top_k is not None:
+        raise ValueError("Pass either --ratio or --top_k, not both.")
+    scored = load_rows(args.scored)
+    selected, stats = select_top(scored, args.score_column, fraction=args.ratio, k=args.top_k)
+    tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)), f"selected_{args.score_column}_{tag}")
+    save_rows(selected, output)
+    print(f"Selected {stats['num_selected']} of {stats['num_rows']} rows by {args.score_column!r} "
+          f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")
+    return selected, stats, output
+
+
+def demo(args: DemoArguments, config: GradFilterConfig):
+    """The embedded default end to end: score the demo set, select the top rows, compare with random."""
+    from .demo import DEMO_LEARNING_RATE
+
+    if not 0 < args.ratio <= 1:
+        raise ValueError(f"ratio={args.ratio} is outside (0, 1]; use e.g. 0.1 for the top 10%.")
+    trainer = score(ScoreArguments(demo=True, demo_rows=args.demo_rows, demo_pretrain_rows=args.demo_pretrain_rows,
+                                   demo_pretrain_epochs=args.demo_pretrain_epochs), config)
+    selected, stats, output = select(SelectArguments(scored=trainer.scored_path, ratio=args.ratio))
+    scored = trainer.scored
+    rate = float(np.mean(scored["is_corrupted"]))
+    kept = int(np.sum(selected["is_corrupted"]))
+    n = len(selected)
+    print(f"\nCorrupted rows in the top {args.ratio:.0%} by G-SNR: {kept} of {n} ({kept / n:.1%}); "
+          f"a random selection of {n} keeps {rate * n:.1f} on average ({rate:.0%}).")
+    for kind in ("swapped", "truncated", "shuffled"):
+        print(f"  {kind:<10} kept {int(np.sum(np.asarray(selected['corruption']) == kind))}")
+    clean = ~np.asarray(scored["is_corrupted"])
+    print(f"AUROC of G-SNR for ranking clean rows above corrupted ones over the whole set: "
+          f"{auroc(np.asarray(scored['gsnr'], dtype=float), clean):.3f} (random: 0.5)")
+    rose = float(np.mean(np.asarray(scored["rel_drop"], dtype=float) < 0))
+    if rose > 0.5:
+        print(f"Warning: the gradient energy rose from epoch {config.early_epoch} to {config.late_epoch} for "
+              f"{rose:.0%} of rows, so the 'drop' in G-SNR is mostly negative (a known failure signature; "
+              "see the README).")
+    if config.learning_rate == DEMO_LEARNING_RATE:
+        print(f"(demo proxy LoRA learning rate {DEMO_LEARNING_RATE}; the paper's 5e-5 is meant for GPT-2)")
+    return trainer, selected
+
+
+COMMANDS = {
+    "score": ("Train the proxy ensemble on a dataset, record per-example gradient norms, write G-SNR columns.",
+              (ScoreArguments, GradFilterConfig)),
+    "select": ("Keep the top fraction (or top k) of a scored dataset by a score column.", (SelectArguments,)),
+    "demo": ("Run score + select on the embedded demo dataset with a tiny proxy (offline, a few minutes on CPU).",
+             (DemoArguments, GradFilterConfig)),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hf-gradfilter {score,select,demo} [--help] [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (help_, _) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        print(f"hf-gradfilter: error: unknown command {command!r}", file=sys.stderr)
+        return 2
+    help_, types = COMMANDS[command]
+    parser = HfArgumentParser(types, prog=f"hf-gradfilter {command}", description=help_)
+    try:
+        if GradFilterConfig in types:
+            if "--output_dir" not in rest:
+                rest += ["--output_dir", "demo_out" if command == "demo" else "gradfilter_output"]
+            if command == "demo":
+                from .demo import DEMO_LEARNING_RATE
+
+                for flag, value in (("--learning_rate", DEMO_LEARNING_RATE), ("--per_device_train_batch_size", 16)):
+                    if flag not in rest:
+                        rest += [flag, str(value)]
+        parsed = parser.parse_args_into_dataclasses(rest)
+        if command == "score":
+            score(*parsed)
+        elif command == "select":
+            select(*parsed)
+        else:
+            demo(*parsed)
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
+        print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

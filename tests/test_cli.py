@@ -1,0 +1,114 @@
+"""The hf-gradfilter CLI: score then select on a jsonl file and on the embedded default; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from hf_gradfilter.cli import main
+from hf_gradfilter.demo_data import make_demo_dataset
+
+TINY = ["--num_members", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--lora_r", "4",
+        "--max_length", "256", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "1000"]
+DEMO = ["--demo_rows", "80", "--demo_pretrain_rows", "200", "--demo_pretrain_epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def proxy_dir(tmp_path_factory, tokenizer):
+    """A tiny proxy saved to disk, as a user's local model path would be."""
+    from hf_gradfilter.tiny import tiny_gpt2
+
+    path = tmp_path_factory.mktemp("proxy")
+    tiny_gpt2(tokenizer, n_embd=32, n_head=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    rows = make_demo_dataset(num_rows=40, seed=2)
+    path = tmp_path / "data.jsonl"
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"instruction": r["instruction"], "input": r["input"], "output": r["output"]}) + "\n")
+    return str(path)
+
+
+def test_score_then_select_on_a_jsonl_file(jsonl, proxy_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir, "--output_dir", str(out)] + TINY) == 0
+    scored = load_from_disk(str(out / "scored"))
+    assert len(scored) == 40 and {"gsnr", "grad_early", "grad_late", "rel_drop", "ens_var_late"} <= set(scored.column_names)
+    assert (out / "member_1" / "adapter_config.json").exists() and (out / "gradient_record.safetensors").exists()
+    assert "mean response loss per member and epoch" in capsys.readouterr().out
+    assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.25", "--output", str(tmp_path / "sel.jsonl")]) == 0
+    selected = [json.loads(line) for line in open(tmp_path / "sel.jsonl")]
+    assert len(selected) == 10
+    best = np.sort(np.asarray(scored["gsnr"]))[-10:]
+    np.testing.assert_allclose(sorted(r["gsnr"] for r in selected), best)
+
+
+def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_GRADFILTER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--output_dir", str(out), "--ratio", "0.25"] + DEMO + TINY) == 0
+    printed = capsys.readouterr().out
+    assert "Corrupted rows in the top 25% by G-SNR" in printed and "a random selection of 20 keeps" in printed
+    selected = load_from_disk(str(out / "selected_gsnr_top25pct"))
+    assert len(selected) == 20 and "is_corrupted" in selected.column_names
+    # the same through `score --demo` + `select`
+    assert main(["score", "--demo", "--output_dir", str(tmp_path / "s")] + DEMO + TINY) == 0
+    assert main(["select", "--scored", str(tmp_path / "s" / "scored"), "--top_k", "5"]) == 0
+    assert len(load_from_disk(str(tmp_path / "s" / "selected_gsnr_top5"))) == 5
+
+
+def run_error(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    return err[-1]
+
+
+def test_missing_columns_get_a_one_line_error(tmp_path, proxy_dir, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n')
+    msg = run_error(["score", "--dataset_name", str(path), "--model_name_or_path", proxy_dir,
+                     "--output_dir", str(tmp_path / "o")] + TINY, capsys)
+    assert "Cannot tell the dataset format" in msg and "question" in msg
+
+
+def test_empty_dataset_gets_a_one_line_error(tmp_path, proxy_dir, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    msg = run_error(["score", "--dataset_name", str(path), "--model_name_or_path", proxy_dir,
+                     "--output_dir", str(tmp_path / "o")] + TINY, capsys)
+    assert "empty" in msg.lower()
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5"])
+def test_ratio_outside_unit_interval_gets_a_one_line_error(tmp_path, ratio, capsys):
+    from datasets import Dataset
+
+    Dataset.from_dict({"gsnr": [1.0, 2.0]}).save_to_disk(str(tmp_path / "scored"))
+    msg = run_error(["select", "--scored", str(tmp_path / "scored"), "--ratio", ratio], capsys)
+    assert f"ratio/fraction={float(ratio)} is outside (0, 1]" in msg
+
+
+def test_late_epoch_beyond_epochs_gets_a_one_line_error(tmp_path, capsys):
+    msg = run_error(["score", "--demo", "--late_epoch", "3", "--output_dir", str(tmp_path)], capsys)
+    assert "late_epoch=3 is outside the 2 epoch(s) trained" in msg
+
+
+def test_help_documents_the_options():
+    out = subprocess.run([sys.executable, "-m", "hf_gradfilter.cli", "score", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--dataset_name", "--model_name_or_path", "--num_members", "--record_mode", "--early_epoch",
+                 "--late_epoch", "--lora_r", "--max_length", "--learning_rate"):
+        assert flag in out
+    top = subprocess.run([sys.executable, "-m", "hf_gradfilter.cli", "--help"], capture_output=True, text=True).stdout
+    assert "score" in top and "select" in top and "demo" in top

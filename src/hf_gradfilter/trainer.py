@@ -253,6 +253,7 @@ class GradFilterTrainer(Trainer):
                 "record_mode": args.record_mode,
                 "format": fmt.__dict__,
                 "data_stats": self.data_stats,
+                "dataset_fingerprint": getattr(train_dataset, "_fingerprint", None),
                 "members": self.member_names,
                 "base_model": getattr(self.model.peft_config[self.member_names[0]], "base_model_name_or_path", None),
                 "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},

@@ -112,3 +112,26 @@ def test_help_documents_the_options():
         assert flag in out
     top = subprocess.run([sys.executable, "-m", "hf_gradfilter.cli", "--help"], capture_output=True, text=True).stdout
     assert "score" in top and "select" in top and "demo" in top
+
+
+def test_finetune_command_trains_the_target_on_a_selected_split(tmp_path, tokenizer, jsonl, capsys):
+    from hf_gradfilter.tiny import tiny_llama
+
+    target = tmp_path / "target"
+    tiny_llama(tokenizer, hidden_size=32).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    out = tmp_path / "ft"
+    args = ["finetune", "--dataset_name", jsonl, "--model_name_or_path", str(target), "--output_dir", str(out),
+            "--max_steps", "3", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--logging_steps", "1", "--max_length", "256", "--disable_tqdm", "true", "--use_cpu", "true",
+            "--lora_r", "4"]
+    assert main(args) == 0
+    assert (out / "adapter_config.json").exists() and (out / "loss_curve.png").exists()
+    assert json.load(open(out / "adapter_config.json"))["r"] == 4
+
+
+def test_finetune_command_refuses_an_empty_split(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    msg = run_error(["finetune", "--dataset_name", str(path), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "empty" in msg

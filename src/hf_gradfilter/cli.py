@@ -19,6 +19,7 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from .config import GradFilterConfig
+from .formatting import DataFormatArguments
 from .metrics import auroc
 
 
@@ -64,6 +65,23 @@ class DemoArguments:
     ratio: float = field(default=0.1, metadata={"help": "Fraction of rows to select."})
     demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
     demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
+
+
+@dataclass
+class FinetuneArguments(DataFormatArguments):
+    """The target model, its LoRA, and the selected split to train on."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "The selected split: a folder written by `select`, a file, or a Hub id."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub / DatasetDict)."})
+    model_name_or_path: str = field(default="meta-llama/Llama-2-7b-hf",
+                                    metadata={"help": "Target causal LM: Hub id or local path."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the target adapter."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the target adapter."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the target adapter."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                           metadata={"help": "Modules that get LoRA ('all-linear' or names)."})
 
 
 def load_rows(name: str, config: str | None = None, split: str = "train"):
@@ -167,6 +185,29 @@ def select(args: SelectArguments):
     return selected, stats, output
 
 
+def finetune_command(args: FinetuneArguments, config):
+    """Fine-tune the target on a selected split with TRL's SFTTrainer + LoRA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .finetune import default_lora_config, finetune
+
+    if not args.dataset_name:
+        raise ValueError("Pass --dataset_name: the selected split written by `hf-gradfilter select`.")
+    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+    if len(rows) == 0:
+        raise ValueError(f"The selected split {args.dataset_name!r} is empty: select a larger ratio.")
+    remote = bool(config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=remote, dtype="auto")
+    targets = args.lora_target_modules
+    lora = default_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                               targets[0] if targets == ["all-linear"] else targets)
+    trainer = finetune(model, rows, args=config, peft_config=lora, processing_class=tokenizer,
+                       fmt=args.instruction_format)
+    print(f"Target adapter: {config.output_dir} (loss curve: {config.output_dir}/loss_curve.png)")
+    return trainer
+
+
 def demo(args: DemoArguments, config: GradFilterConfig):
     """The embedded default end to end: score the demo set, select the top rows, compare with random."""
     from .demo import DEMO_LEARNING_RATE
@@ -201,13 +242,15 @@ COMMANDS = {
     "score": ("Train the proxy ensemble on a dataset, record per-example gradient norms, write G-SNR columns.",
               (ScoreArguments, GradFilterConfig)),
     "select": ("Keep the top fraction (or top k) of a scored dataset by a score column.", (SelectArguments,)),
+    "finetune": ("Fine-tune a target model (LoRA, TRL SFTTrainer) on a selected split.",
+                 (FinetuneArguments, "SFTConfig")),
     "demo": ("Run score + select on the embedded demo dataset with a tiny proxy (offline, a few minutes on CPU).",
              (DemoArguments, GradFilterConfig)),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: hf-gradfilter {score,select,demo} [--help] [options]", "", "commands:"]
+    lines = [f"usage: hf-gradfilter {{{','.join(COMMANDS)}}} [--help] [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (help_, _) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -223,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-gradfilter: error: unknown command {command!r}", file=sys.stderr)
         return 2
     help_, types = COMMANDS[command]
+    if "SFTConfig" in types:
+        from trl import SFTConfig
+
+        types = tuple(SFTConfig if t == "SFTConfig" else t for t in types)
     parser = HfArgumentParser(types, prog=f"hf-gradfilter {command}", description=help_)
     try:
         if GradFilterConfig in types:
@@ -234,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                 for flag, value in (("--learning_rate", DEMO_LEARNING_RATE), ("--per_device_train_batch_size", 16)):
                     if flag not in rest:
                         rest += [flag, str(value)]
+        if command == "finetune":
+            from .finetune import sft_defaults
+
+            defaults = {"output_dir": "gradfilter_target", **sft_defaults()}
+            given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in rest if a.startswith("--")}
+            rest += [x for k, v in defaults.items() if k not in given for x in (f"--{k}", str(v))]
         parsed = parser.parse_args_into_dataclasses(rest)
-        if command == "score":
-            score(*parsed)
-        elif command == "select":
-            select(*parsed)
-        else:
-            demo(*parsed)
+        {"score": score, "select": select, "finetune": finetune_command, "demo": demo}[command](*parsed)
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)
         return 2

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .formatting import FORMATS, InstructionFormat
+from .formatting import DataFormatArguments
 
 RECORD_MODES = ("train", "snapshot", "none")
 
 
 @dataclass
-class GradFilterConfig(TrainingArguments):
+class GradFilterConfig(TrainingArguments, DataFormatArguments):
     r"""
     Configuration of [`GradFilterTrainer`]: the proxy ensemble, how gradients are recorded, and the
     data format. Every field is also a CLI flag of ``hf-gradfilter score`` (through
@@ -90,15 +90,6 @@ class GradFilterConfig(TrainingArguments):
                   "choices": list(RECORD_MODES)},
     )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per row (longer rows are cut)."})
-    dataset_format: str = field(
-        default="auto", metadata={"help": "Row format.", "choices": list(FORMATS)}
-    )
-    instruction_column: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
-    input_column: str = field(default="input", metadata={"help": "Alpaca input column (optional)."})
-    output_column: str = field(default="output", metadata={"help": "Alpaca output column."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column (prompt_completion)."})
-    completion_column: str = field(default="completion", metadata={"help": "Completion column."})
-    messages_column: str = field(default="messages", metadata={"help": "Conversation column (messages)."})
 
     # TrainingArguments fields with other defaults
     num_train_epochs: float = field(default=2.0, metadata={"help": "Proxy training epochs (an integer)."})
@@ -127,15 +118,3 @@ class GradFilterConfig(TrainingArguments):
                 )
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: use at least 2 tokens.")
-
-    @property
-    def instruction_format(self) -> InstructionFormat:
-        return InstructionFormat(
-            kind=self.dataset_format,
-            instruction_column=self.instruction_column,
-            input_column=self.input_column,
-            output_column=self.output_column,
-            prompt_column=self.prompt_column,
-            completion_column=self.completion_column,
-            messages_column=self.messages_column,
-        )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMATS = ("auto", "alpaca", "prompt_completion", "messages")
@@ -99,6 +99,31 @@ class InstructionFormat:
         if self.kind == "alpaca" and self.input_column in column_names:
             cols = [self.instruction_column, self.input_column, self.output_column]
         return cols
+
+
+@dataclass
+class DataFormatArguments:
+    """The data-format fields shared by `GradFilterConfig` and the fine-tuning arguments (CLI flags)."""
+
+    dataset_format: str = field(default="auto", metadata={"help": "Row format.", "choices": list(FORMATS)})
+    instruction_column: str = field(default="instruction", metadata={"help": "Alpaca instruction column."})
+    input_column: str = field(default="input", metadata={"help": "Alpaca input column (optional)."})
+    output_column: str = field(default="output", metadata={"help": "Alpaca output column."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column (prompt_completion)."})
+    completion_column: str = field(default="completion", metadata={"help": "Completion column."})
+    messages_column: str = field(default="messages", metadata={"help": "Conversation column (messages)."})
+
+    @property
+    def instruction_format(self) -> InstructionFormat:
+        return InstructionFormat(
+            kind=self.dataset_format,
+            instruction_column=self.instruction_column,
+            input_column=self.input_column,
+            output_column=self.output_column,
+            prompt_column=self.prompt_column,
+            completion_column=self.completion_column,
+            messages_column=self.messages_column,
+        )
 
 
 def _text(value: Any) -> str:

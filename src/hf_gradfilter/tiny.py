@@ -51,8 +51,13 @@ def tiny_gpt2(tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama(tokenizer, num_hidden_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised Llama-architecture model (RoPE, GQA, SwiGLU) sized to ``tokenizer``."""
+def tiny_llama(tokenizer, num_hidden_layers: int = 2, hidden_size: int = 64, seed: int = 0,
+               initializer_range: float = 0.2) -> LlamaForCausalLM:
+    """A randomly initialised Llama-architecture model (RoPE, GQA, SwiGLU) sized to ``tokenizer``.
+
+    The init scale is 10x Llama's (0.02), so a random tiny model's logits are not flat and a LoRA
+    adapter on it can learn within a few steps (tests and the offline demo target).
+    """
     import torch
 
     torch.manual_seed(seed)
@@ -60,6 +65,6 @@ def tiny_llama(tokenizer, num_hidden_layers: int = 2, hidden_size: int = 64, see
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config)

@@ -135,3 +135,47 @@ def test_finetune_command_refuses_an_empty_split(tmp_path, capsys):
     path.write_text("")
     msg = run_error(["finetune", "--dataset_name", str(path), "--output_dir", str(tmp_path / "o")], capsys)
     assert "empty" in msg
+
+
+def test_push_commands_build_the_repo_and_call_the_hub_client_only(jsonl, proxy_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from datasets import load_dataset
+    from huggingface_hub import HfApi
+
+    out = tmp_path / "out"
+    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir, "--output_dir", str(out)] + TINY) == 0
+    assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.25"]) == 0
+    calls = []
+
+    def fake(method):
+        def call(self, *args, **kwargs):
+            if method == "upload_folder":  # the folder exists only during the call: check it here
+                splits = load_dataset(kwargs["folder_path"])
+                kwargs["splits"] = {name: len(ds) for name, ds in splits.items()} if "data" in os.listdir(
+                    kwargs["folder_path"]) else os.listdir(kwargs["folder_path"])
+            calls.append((method, args, kwargs))
+            return "https://huggingface.co/fake/commit"
+        return call
+
+    import os
+
+    for method in ("create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(HfApi, method, fake(method))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret_token_value")
+    assert main(["push", "--what", "dataset", "--repo_id", "me/demo-gsnr", "--path", str(out), "--selected",
+                 str(out / "selected_gsnr_top25pct"), "--private", "true", "--revision", "v1"]) == 0
+    (m1, a1, repo), (m2, a2, branch), (m3, _, upload) = calls
+    assert (m1, m2, m3) == ("create_repo", "create_branch", "upload_folder")
+    assert a1 == a2 == ("me/demo-gsnr",) and upload["repo_id"] == "me/demo-gsnr"
+    assert repo == {"repo_type": "dataset", "private": True, "exist_ok": True}
+    assert branch["branch"] == "v1" and upload["revision"] == "v1" and upload["repo_type"] == "dataset"
+    assert upload["splits"] == {"scored": 40, "top_25pct": 10}
+    assert "hf_secret_token_value" not in capsys.readouterr().out
+
+
+def test_push_with_a_bad_repo_id_fails_before_any_client_call(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("reached the client"))
+    msg = run_error(["push", "--what", "proxy", "--repo_id", "no-namespace", "--path", str(tmp_path)], capsys)
+    assert "no-namespace" in msg

@@ -1,6 +1,8 @@
 """hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning."""
 
+from . import hub
 from .config import GradFilterConfig
+from .finetune import finetune, sft_config
 from .formatting import InstructionFormat, tokenize_dataset
 from .norms import LoraNormRecorder, sq_norms
 from .record import GradientRecord
@@ -19,6 +21,9 @@ __all__ = [
     "InstructionFormat",
     "LoraNormRecorder",
     "build_ensemble",
+    "finetune",
+    "hub",
+    "sft_config",
     "ensemble_variance",
     "grad_energy",
     "gsnr",

@@ -87,3 +87,11 @@ def test_messages_need_a_chat_template(tokenizer):
     bare.chat_template = None
     with pytest.raises(ValueError, match="chat_template"):
         tokenize_dataset(Dataset.from_dict({"messages": [[{"role": "user", "content": "a"}]]}), bare)
+
+
+def test_pre_tokenized_rows_are_used_as_is(tokenizer):
+    ds = Dataset.from_dict({"input_ids": [[5, 6, 7, 8], [9, 10]], "labels": [[-100, -100, 7, 8], [-100, 10]]})
+    tok, fmt = tokenize_dataset(ds, tokenizer, max_length=3)
+    assert fmt.kind == "tokenized"
+    assert tok["input_ids"] == [[5, 6, 7], [9, 10]] and tok["labels"] == [[-100, -100, 7], [-100, 10]]
+    assert tok["num_response_tokens"] == [1, 1] and tok["truncated"] == [True, False] and tok["length"] == [3, 2]

@@ -77,22 +77,20 @@ def test_sq_norms_kernel_matches_explicit_outer_products():
     torch.testing.assert_close(sq_norms(a2, g2), explicit2, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_train_mode_norms_equal_batch_size_one_reference(arch, tokenizer, alpaca_small, tmp_path):
+@pytest.mark.parametrize("arch, batching", [("gpt2", "random"), ("gpt2", "group_by_length"),
+                                            ("llama", "random"), ("llama", "group_by_length")])
+def test_train_mode_norms_equal_batch_size_one_reference(arch, batching, tokenizer, alpaca_small, tmp_path):
     capture = CaptureLora()
-    args = config(tmp_path, lora_target_modules=TARGETS[arch])
+    args = config(tmp_path, lora_target_modules=TARGETS[arch], train_sampling_strategy=batching)
     trainer = GradFilterTrainer(make_model(arch, tokenizer), args=args, train_dataset=alpaca_small,
                                 processing_class=tokenizer, callbacks=[capture])
     trainer.train()
     record = trainer.record
     assert not np.isnan(record.norms).any()
-    b, n = args.per_device_train_batch_size, len(alpaca_small)
-    steps_per_epoch = -(-n // b)
+    steps_per_epoch = -(-len(alpaca_small) // args.per_device_train_batch_size)
     for epoch in range(2):
         for m in range(2):
-            order = np.random.default_rng([args.seed, m, epoch]).permutation(n)
-            for k in range(steps_per_epoch):
-                ids = order[k * b : (k + 1) * b]
+            for k, ids in enumerate(trainer.sampler.batches(m, epoch)):  # the rows member m saw at step k
                 weights = capture.steps[epoch * steps_per_epoch + k]
                 ref = reference_norms(trainer, weights, m, ids)
                 np.testing.assert_allclose(record.norms[ids, m, epoch], ref, rtol=1e-4)

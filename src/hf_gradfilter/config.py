@@ -68,6 +68,9 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     per_device_train_batch_size (`int`, defaults to `8`): examples per member per step.
     logging_steps (`float`, defaults to `10`), save_strategy (defaults to `"no"`),
     report_to (defaults to `"none"`).
+    train_sampling_strategy (`str`, defaults to `"group_by_length"`): each member's batches hold
+        rows of similar length (mega-batches of 50 batches sorted by length, batch order shuffled),
+        so little compute goes to padding; ``"random"`` for plain shuffled batches.
     """
 
     num_members: int = field(default=5, metadata={"help": "Ensemble size M (number of LoRA members)."})
@@ -97,6 +100,11 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to log to."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "'group_by_length' (each member's batches hold rows of similar length: little padding) "
+                          "or 'random'.", "choices": ["group_by_length", "random"]},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,6 +7,7 @@ Three row formats are understood (column names configurable through `Instruction
 - ``prompt_completion`` (TRL): ``prompt``, ``completion``; the response is ``completion + eos``.
 - ``messages`` (TRL conversational): a list of ``{"role", "content"}`` dicts rendered with the
   tokenizer's chat template; every assistant turn is response.
+- ``tokenized``: ``input_ids`` and ``labels`` (-100 on prompt tokens) made elsewhere; used as is.
 
 Each row becomes ``input_ids`` and ``labels`` (-100 on prompt tokens), plus bookkeeping columns:
 ``example_id`` (the row's position in the source dataset, stable across runs), ``row_hash`` (a
@@ -23,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMATS = ("auto", "alpaca", "prompt_completion", "messages")
+FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "tokenized")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -36,7 +37,7 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-TOKENIZED_COLUMNS = ("example_id", "row_hash", "input_ids", "labels", "num_response_tokens", "truncated")
+TOKENIZED_COLUMNS = ("example_id", "row_hash", "input_ids", "labels", "length", "num_response_tokens", "truncated")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class InstructionFormat:
         if kind not in FORMATS:
             raise ValueError(f"Unknown dataset format {kind!r}; choose one of {', '.join(FORMATS)}.")
         if kind == "auto":
-            if self.messages_column in cols:
+            if {"input_ids", "labels"} <= cols:
+                kind = "tokenized"
+            elif self.messages_column in cols:
                 kind = "messages"
             elif self.prompt_column in cols and self.completion_column in cols:
                 kind = "prompt_completion"
@@ -91,6 +94,8 @@ class InstructionFormat:
             return [self.prompt_column, self.completion_column]
         if kind == "messages":
             return [self.messages_column]
+        if kind == "tokenized":
+            return ["input_ids", "labels"]
         raise ValueError(f"Format {kind!r} is not resolved; call resolve(column_names) first.")
 
     def used_columns(self, column_names: list[str]) -> list[str]:
@@ -180,6 +185,8 @@ def _render_messages(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
 
 def check_tokenizer(tokenizer, kind: str) -> None:
     """Fail early, naming what the tokenizer lacks for this format."""
+    if kind == "tokenized":
+        return
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is a slow tokenizer; hf-gradfilter needs a fast tokenizer "
@@ -197,30 +204,37 @@ def check_tokenizer(tokenizer, kind: str) -> None:
 def tokenize_batch(batch: dict[str, list], indices: list[int], *, fmt: InstructionFormat, tokenizer,
                    max_length: int, used_columns: list[str]) -> dict[str, list]:
     """`Dataset.map(batched=True, with_indices=True)` function producing `TOKENIZED_COLUMNS`."""
-    n = len(indices)
-    rows = [{c: batch[c][i] for c in batch} for i in range(n)]
-    rendered = [render(row, fmt, tokenizer) for row in rows]
-    enc = tokenizer(
-        [text for text, _ in rendered],
-        return_offsets_mapping=True,
-        add_special_tokens=fmt.kind != "messages",  # chat templates write their own special tokens
-    )
     out = {k: [] for k in TOKENIZED_COLUMNS}
-    for i, (_, spans) in enumerate(rendered):
-        ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
-        labels = [
-            tok if any(s < end and e > start for start, end in spans) and e > s else -100
-            for tok, (s, e) in zip(ids, offsets)
-        ]
+    for ids, labels in _token_rows(batch, len(indices), fmt, tokenizer):
+        if len(ids) != len(labels):
+            raise ValueError(f"input_ids ({len(ids)}) and labels ({len(labels)}) differ in length in a tokenized row.")
         out["truncated"].append(len(ids) > max_length)
         ids, labels = ids[:max_length], labels[:max_length]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        out["length"].append(len(ids))
         # labels are shifted inside the loss: the first token is never a target.
         out["num_response_tokens"].append(sum(1 for lab in labels[1:] if lab != -100))
     out["example_id"] = list(indices)
     out["row_hash"] = row_hashes(batch, used_columns)
     return out
+
+
+def _token_rows(batch, n, fmt, tokenizer):
+    """``(input_ids, labels)`` per row, labels -100 outside the response spans."""
+    if fmt.kind == "tokenized":
+        yield from zip(batch["input_ids"], batch["labels"])
+        return
+    rendered = [render({c: batch[c][i] for c in batch}, fmt, tokenizer) for i in range(n)]
+    enc = tokenizer(
+        [text for text, _ in rendered],
+        return_offsets_mapping=True,
+        add_special_tokens=fmt.kind != "messages",  # chat templates write their own special tokens
+    )
+    for i, (_, spans) in enumerate(rendered):
+        ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
+        yield ids, [tok if e > s and any(s < end and e > start for start, end in spans) else -100
+                    for tok, (s, e) in zip(ids, offsets)]
 
 
 def tokenize_dataset(dataset, tokenizer, fmt: InstructionFormat | None = None, max_length: int = 512,

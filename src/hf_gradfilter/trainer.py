@@ -55,32 +55,61 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 class MemberSampler(Sampler[int]):
-    """Yields, step by step, one batch of rows per member, each from that member's permutation.
+    """Yields, step by step, one batch of rows per member, each from that member's own order.
 
-    Indices are ``epoch * n + row`` so the epoch travels with every example. Member m's order in
-    epoch e is ``default_rng([seed, m, e]).permutation(n)``: reproducible, and independent of how
-    many members there are.
+    Member m's order in epoch e comes from ``default_rng([seed, m, e])``: reproducible, and
+    independent of how many members there are. With ``lengths`` (length-grouped batching, the
+    default), each member's permutation is cut into mega-batches of ``mega_batch_mult`` batches,
+    each sorted by length and split into batches whose order is then shuffled, as in
+    `transformers`' `LengthGroupedSampler`: rows of similar length share a batch, so little is
+    padding. The one short batch (``n % batch_size`` rows) is always last, for every member.
+
+    Indices are ``epoch * n + row`` so the epoch travels with every example.
     """
 
-    def __init__(self, num_rows: int, num_members: int, batch_size: int, seed: int):
+    def __init__(self, num_rows: int, num_members: int, batch_size: int, seed: int, lengths=None,
+                 mega_batch_mult: int = 50):
         self.n, self.num_members, self.batch_size, self.seed = num_rows, num_members, batch_size, seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.mega = max(1, min(mega_batch_mult, num_rows // (4 * batch_size)))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self, member: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, member, epoch]).permutation(self.n)
+    def batches(self, member: int, epoch: int) -> list[np.ndarray]:
+        """Member ``member``'s batches (row positions) in epoch ``epoch`` (0-based), in visiting order."""
+        rng = np.random.default_rng([self.seed, member, epoch])
+        order, b = rng.permutation(self.n), self.batch_size
+        full = self.n - self.n % b
+        if self.lengths is None:
+            batches = [order[i : i + b] for i in range(0, full, b)]
+        else:
+            batches = []
+            for start in range(0, full, b * self.mega):
+                chunk = order[start : min(start + b * self.mega, full)]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if full < self.n:
+            batches.append(order[full:])
+        return batches
 
     def __iter__(self):
-        orders = [self.order(m, self.epoch) for m in range(self.num_members)]
+        per_member = [self.batches(m, self.epoch) for m in range(self.num_members)]
         offset = self.epoch * self.n
-        for start in range(0, self.n, self.batch_size):
-            for order in orders:
-                yield from (offset + order[start : start + self.batch_size]).tolist()
+        for step in zip(*per_member):
+            for batch in step:
+                yield from (offset + batch).tolist()
 
     def __len__(self) -> int:
         return self.num_members * self.n
+
+    def padding_ratio(self, epoch: int = 0) -> float:
+        """Tokens computed / real tokens over one epoch of every member (needs ``lengths``)."""
+        computed = sum(len(bt) * self.lengths[bt].max() for m in range(self.num_members)
+                       for bt in self.batches(m, epoch))
+        return float(computed / (self.num_members * self.lengths.sum()))
 
 
 class _EpochTagged(Dataset):
@@ -266,8 +295,11 @@ class GradFilterTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         a = self.args
-        sampler = MemberSampler(len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
-                                a.data_seed if a.data_seed is not None else a.seed)
+        self.sampler = MemberSampler(
+            len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
+            a.data_seed if a.data_seed is not None else a.seed,
+            lengths=self.train_dataset["length"] if a.train_sampling_strategy == "group_by_length" else None)
+        sampler = self.sampler
         loader = DataLoader(
             _EpochTagged(self.train_dataset),
             batch_size=a.num_members * a.per_device_train_batch_size,

@@ -1,0 +1,239 @@
+"""Throughput of per-example gradient norms: GradFilterTrainer against the other ways to get them.
+
+Measured side by side in one run, on the same rows and model, and printed as ratios:
+
+  (a)  the M-member LoRA training with recording off (record_mode="none"): the floor
+  (b)  GradFilterTrainer recording in "train" mode, and in "snapshot" mode
+  (c)  a batch-size-1 loop, one backward per example and member, at fixed weights (what LESS does)
+  (d)  torch.func vmap(grad) per-example gradients (and Opacus, when installed)
+  padding waste: tokens computed / real tokens, for random and for length-grouped batches
+
+(c) and (d) only compute norms while (a) and (b) also train, so their ratios to (b) are
+conservative. Rows have Alpaca-like lengths (log-normal, most short, a long tail), pre-tokenized
+with random ids. Two model sizes: "tiny" (2 layers, 128 wide) and "gpt2-small" (12 layers, 768
+wide, GPT-2's vocabulary; random weights).
+
+    python benchmarks/throughput.py                          # both sizes, CPU, a few minutes
+    python benchmarks/throughput.py --sizes tiny --rows 512 --output docs/throughput.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_gradfilter import GradFilterConfig, GradFilterTrainer
+from hf_gradfilter.trainer import MemberSampler, per_example_loss
+
+SIZES = {
+    "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=1024),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257),
+}
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    visits: int  # example x member (x epoch) gradient norms produced
+    tokens: int
+    note: str = ""
+
+    @property
+    def per_second(self) -> float:
+        return self.visits / self.seconds
+
+
+def alpaca_like_rows(n: int, vocab: int, max_length: int, seed: int = 0) -> Dataset:
+    """Pre-tokenized rows: lengths log-normal (median ~90 tokens, long tail), the first ~40% prompt."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(90), 0.6, size=n).astype(int), 12, max_length)
+    ids, labels = [], []
+    for length in lengths:
+        row = rng.integers(2, vocab, size=length).tolist()
+        prompt = int(length * rng.uniform(0.3, 0.5))
+        ids.append(row)
+        labels.append([-100] * prompt + row[prompt:])
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def make_model(size: str) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = SIZES[size]
+    return GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **cfg))
+
+
+def config(out: str, mode: str, members: int, batch: int, epochs: int, strategy: str) -> GradFilterConfig:
+    return GradFilterConfig(output_dir=out, num_members=members, num_train_epochs=epochs, late_epoch=epochs,
+                            early_epoch=1, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+                            record_mode=mode, learning_rate=1e-4, logging_steps=10_000, disable_tqdm=True,
+                            use_cpu=not torch.cuda.is_available(), train_sampling_strategy=strategy,
+                            bf16=torch.cuda.is_available(), max_length=1024, report_to="none")
+
+
+def run_trainer(size, rows, mode, members, batch, epochs, strategy="group_by_length") -> Result:
+    trainer = GradFilterTrainer(make_model(size), args=config("/tmp/hfg_bench", mode, members, batch, epochs, strategy),
+                                train_dataset=rows)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    tokens = int(np.sum(rows["length"] if "length" in rows.column_names else [len(x) for x in rows["input_ids"]]))
+    label = {"none": "(a) training, recording off", "train": "(b) GradFilterTrainer, train mode",
+             "snapshot": "(b) GradFilterTrainer, snapshot mode"}[mode]
+    return Result(f"{label}", seconds, len(rows) * members * epochs, tokens * members * epochs,
+                  note=f"{strategy} batches")
+
+
+def member_model(size, members):
+    """A trainer-built ensemble, reused by the per-example baselines (same weights and adapters)."""
+    rows = alpaca_like_rows(8, SIZES[size]["vocab_size"], 64)
+    trainer = GradFilterTrainer(make_model(size), args=config("/tmp/hfg_bench", "none", members, 4, 1, "random"),
+                                train_dataset=rows)
+    model = trainer.model.eval()
+    return model
+
+
+def run_batch_size_one(size, rows, members) -> Result:
+    model = member_model(size, members)
+    start = time.perf_counter()
+    for m in range(members):
+        model.base_model.set_adapter(f"member_{m}")
+        params = [p for n, p in model.named_parameters() if f".member_{m}." in n]
+        for ids, labels in zip(rows["input_ids"], rows["labels"]):
+            ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])
+            loss = per_example_loss(model(input_ids=ids_t).logits, labels_t)[0]
+            grads = torch.autograd.grad(loss, params)
+            torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(x) for x in rows["input_ids"])
+    return Result("(c) batch-size-1 loop (one backward per example)", seconds, len(rows) * members,
+                  tokens * members, note="fixed weights, no training")
+
+
+def run_vmap(size, rows, members, batch) -> Result:
+    from torch.func import functional_call, grad, vmap
+
+    model = member_model(size, members)
+    sampler = MemberSampler(len(rows), 1, batch, seed=0, lengths=[len(x) for x in rows["input_ids"]])
+    start = time.perf_counter()
+    try:
+        for m in range(members):
+            model.base_model.set_adapter(f"member_{m}")
+            params = {n: p.detach() for n, p in model.named_parameters() if f".member_{m}." in n}
+
+            def loss_fn(p, ids, mask, labels):
+                out = functional_call(model, p, args=(), kwargs={"input_ids": ids[None], "attention_mask": mask[None]})
+                return per_example_loss(out.logits, labels[None])[0]
+
+            per_example_grad = vmap(grad(loss_fn), in_dims=(None, 0, 0, 0))
+            for idx in sampler.batches(0, 0):
+                feats = [rows[int(i)] for i in idx]
+                width = max(len(f["input_ids"]) for f in feats)
+                ids = torch.zeros(len(feats), width, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                labels = torch.full_like(ids, -100)
+                for j, f in enumerate(feats):
+                    k = len(f["input_ids"])
+                    ids[j, :k], mask[j, :k], labels[j, :k] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
+                grads = per_example_grad(params, ids, mask, labels)
+                torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values())).tolist()
+    except Exception as err:  # noqa: BLE001 - report, do not hide, an unsupported peer
+        return Result("(d) torch.func vmap(grad)", float("nan"), 0, 0, note=f"failed: {type(err).__name__}: {err}"[:120])
+    seconds = time.perf_counter() - start
+    tokens = sum(len(x) for x in rows["input_ids"])
+    return Result("(d) torch.func vmap(grad)", seconds, len(rows) * members, tokens * members,
+                  note="fixed weights, no training")
+
+
+def padding(rows, batch, members) -> dict[str, float]:
+    lengths = np.array([len(x) for x in rows["input_ids"]])
+    grouped = MemberSampler(len(rows), members, batch, seed=0, lengths=lengths).padding_ratio()
+    plain = MemberSampler(len(rows), members, batch, seed=0)
+    computed = sum(len(b) * lengths[b].max() for m in range(members) for b in plain.batches(m, 0))
+    return {"random": computed / (members * lengths.sum()), "group_by_length": grouped}
+
+
+def bench(size, n_rows, members, batch, epochs) -> tuple[list[Result], dict]:
+    rows = alpaca_like_rows(n_rows, SIZES[size]["vocab_size"], 512)
+    n_small = max(batch, n_rows // 4)  # the per-example baselines are slow: a subset, rates compared
+    results = [run_trainer(size, rows, "none", members, batch, epochs),
+               run_trainer(size, rows, "train", members, batch, epochs),
+               run_trainer(size, rows, "snapshot", members, batch, epochs),
+               run_trainer(size, rows, "train", members, batch, epochs, strategy="random"),
+               run_batch_size_one(size, rows.select(range(n_small)), members),
+               run_vmap(size, rows.select(range(n_small)), members, batch)]
+    try:
+        import opacus  # noqa: F401
+
+        results.append(Result("(d) Opacus", float("nan"), 0, 0, note="installed but not wired: see README"))
+    except ImportError:
+        results.append(Result("(d) Opacus", float("nan"), 0, 0, note="not installed (optional peer)"))
+    return results, padding(rows, batch, members)
+
+
+def report(size, results, pad, args) -> str:
+    floor = results[0].per_second
+    train = results[1].per_second
+    lines = [f"### {size}: {args.rows if size == 'tiny' else args.rows_gpt2} rows, M={args.members}, "
+             f"batch {args.batch} per member, {args.epochs} epoch(s)", "",
+             "| method | norms/s | tokens/s | time (s) | vs (a) floor | (c)/(b-train) style: b-train rate / this | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.visits:
+            lines.append(f"| {r.name} | - | - | - | - | - | {r.note} |")
+            continue
+        lines.append(f"| {r.name} | {r.per_second:.1f} | {r.tokens / r.seconds:.0f} | {r.seconds:.1f} | "
+                     f"{floor / r.per_second:.3f} | {train / r.per_second:.2f} | {r.note} |")
+    b_snap = results[2].per_second
+    c = results[4].per_second
+    d = results[5].per_second if results[5].visits else float("nan")
+    lines += ["", f"- recording overhead, time per norm (b-train) / (a): **{floor / train:.3f}** (target <= 1.05)",
+              f"- snapshot mode, time per norm (b-snapshot) / (a): {floor / b_snap:.3f}",
+              f"- batch-size-1 loop time per norm / (b-train): **{train / c:.2f}** (target >= 1.5)",
+              f"- vmap(grad) time per norm / (b-train): {train / d:.2f}",
+              f"- random vs length-grouped batches, (b-train, random) time / (b-train, grouped): "
+              f"{train / results[3].per_second:.2f}",
+              f"- padding waste, tokens computed / real tokens: random {pad['random']:.3f}, "
+              f"length-grouped **{pad['group_by_length']:.3f}** (target <= 1.10)", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--rows", type=int, default=512, help="Rows for the tiny model.")
+    parser.add_argument("--rows_gpt2", type=int, default=96, help="Rows for the GPT-2-small-shaped model.")
+    parser.add_argument("--members", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--output", default=None, help="Also write the markdown report here.")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    header = [f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+              f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
+              f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+              f"peft {__import__('peft').__version__}.", f"Command: python benchmarks/throughput.py "
+              f"--sizes {' '.join(args.sizes)} --rows {args.rows} --rows_gpt2 {args.rows_gpt2} --members "
+              f"{args.members} --batch {args.batch} --epochs {args.epochs}", ""]
+    text = "\n".join(header)
+    print(text, flush=True)
+    for size in args.sizes:
+        results, pad = bench(size, args.rows if size == "tiny" else args.rows_gpt2, args.members, args.batch,
+                             args.epochs)
+        part = report(size, results, pad, args)
+        print(part, flush=True)
+        text += "\n" + part
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("# Throughput of per-example gradient norms\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()

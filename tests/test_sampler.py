@@ -23,8 +23,27 @@ def test_every_member_sees_every_row_once_per_epoch(grouped):
             assert sorted(np.concatenate(batches).tolist()) == list(range(n))
             assert [len(x) for x in batches] == [b] * (n // b) + [n % b]  # the short batch last
     sampler.set_epoch(1)
-    flat = list(sampler)
-    assert len(flat) == 3 * n and all(n <= i < 2 * n for i in flat)
+    keys = [k for step in sampler for k in step]
+    assert len(keys) == 3 * n and all(epoch == 1 and weight == 1.0 for _, epoch, weight, _ in keys)
+
+
+def test_processes_split_each_global_batch_and_pad_an_empty_slice_with_a_zero_weight_row():
+    n, b = 21, 4  # global batch 8: steps of 8, 8 and 5 rows
+    one = MemberSampler(n, 2, 2 * b, seed=0)
+    ranks = [list(MemberSampler(n, 2, b, seed=0, num_replicas=2, rank=r)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one) == 3
+    for m in range(2):
+        for step, batch in enumerate(one.batches(m, 0)):
+            got = []
+            for r in range(2):
+                keys = ranks[r][step]
+                per_member = len(keys) // 2
+                got += [k[0] for k in keys[m * per_member : (m + 1) * per_member]]
+                assert all(k[3] == len(batch) for k in keys)
+            assert sorted(got) == sorted(batch.tolist())
+    tiny = [list(MemberSampler(3, 1, 2, seed=0, num_replicas=4, rank=r)) for r in range(4)]
+    weights = [k[2] for r in tiny for step in r for k in step]
+    assert weights.count(1.0) == 3 and weights.count(0.0) == 1  # 3 rows over 4 processes: one stand-in
 
 
 def test_members_and_epochs_get_different_orders_and_the_same_seed_repeats():

@@ -195,7 +195,14 @@ def score(args: ScoreArguments, config: GradFilterConfig):
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
                                                      trust_remote_code=args.trust_remote_code)
     trainer = GradFilterTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer)
-    trainer.train()
+    resume = config.resume_from_checkpoint
+    if resume is None and os.path.isdir(config.output_dir):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir)  # the same command again resumes a killed run
+    if resume:
+        print(f"Resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     scored = score_dataset(rows, trainer.record)
     scored_path = save_rows(scored, os.path.join(config.output_dir, "scored"))

@@ -54,31 +54,39 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return nll.sum(dim=1) / counts.clamp(min=1)
 
 
-class MemberSampler(Sampler[int]):
-    """Yields, step by step, one batch of rows per member, each from that member's own order.
+class MemberSampler(Sampler[list]):
+    """A batch sampler: each step, one batch of rows per member, each from that member's own order.
 
     Member m's order in epoch e comes from ``default_rng([seed, m, e])``: reproducible, and
-    independent of how many members there are. With ``lengths`` (length-grouped batching, the
-    default), each member's permutation is cut into mega-batches of ``mega_batch_mult`` batches,
-    each sorted by length and split into batches whose order is then shuffled, as in
-    `transformers`' `LengthGroupedSampler`: rows of similar length share a batch, so little is
-    padding. The one short batch (``n % batch_size`` rows) is always last, for every member.
+    independent of how many members or processes there are. With ``lengths`` (length-grouped
+    batching, the default), each member's permutation is cut into mega-batches of
+    ``mega_batch_mult`` batches, each sorted by length and split into batches whose order is then
+    shuffled, as in `transformers`' `LengthGroupedSampler`: rows of similar length share a batch,
+    so little compute is padding. The one short batch (``n % global_batch``) is always last.
 
-    Indices are ``epoch * n + row`` so the epoch travels with every example.
+    Distributed: the *global* batches (``batch_size * num_replicas`` rows) are the ones a single
+    process with that batch size would use, and process ``rank`` takes its slice of each, so every
+    row is visited exactly once per member and epoch and the optimizer sees the same global batch
+    as one process would. A process whose slice of the last batch is empty gets one row with
+    weight 0 (no gradient, not recorded), so all processes take the same number of steps.
+
+    Each step yields ``(row, epoch, weight, global_batch_size)`` tuples, members one after another.
     """
 
     def __init__(self, num_rows: int, num_members: int, batch_size: int, seed: int, lengths=None,
-                 mega_batch_mult: int = 50):
-        self.n, self.num_members, self.batch_size, self.seed = num_rows, num_members, batch_size, seed
+                 mega_batch_mult: int = 50, num_replicas: int = 1, rank: int = 0):
+        self.n, self.num_members, self.seed = num_rows, num_members, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.batch_size = batch_size * num_replicas  # global
         self.lengths = None if lengths is None else np.asarray(lengths)
-        self.mega = max(1, min(mega_batch_mult, num_rows // (4 * batch_size)))
+        self.mega = max(1, min(mega_batch_mult, num_rows // (4 * self.batch_size)))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self, member: int, epoch: int) -> list[np.ndarray]:
-        """Member ``member``'s batches (row positions) in epoch ``epoch`` (0-based), in visiting order."""
+        """Member ``member``'s global batches (row positions) in epoch ``epoch`` (0-based), in order."""
         rng = np.random.default_rng([self.seed, member, epoch])
         order, b = rng.permutation(self.n), self.batch_size
         full = self.n - self.n % b
@@ -97,13 +105,18 @@ class MemberSampler(Sampler[int]):
 
     def __iter__(self):
         per_member = [self.batches(m, self.epoch) for m in range(self.num_members)]
-        offset = self.epoch * self.n
         for step in zip(*per_member):
+            items = []
             for batch in step:
-                yield from (offset + batch).tolist()
+                mine = np.array_split(batch, self.num_replicas)[self.rank]
+                if len(mine):
+                    items += [(int(i), self.epoch, 1.0, len(batch)) for i in mine]
+                else:  # keep step counts equal across processes: a zero-weight stand-in
+                    items.append((int(batch[0]), self.epoch, 0.0, len(batch)))
+            yield items
 
     def __len__(self) -> int:
-        return self.num_members * self.n
+        return -(-self.n // self.batch_size)
 
     def padding_ratio(self, epoch: int = 0) -> float:
         """Tokens computed / real tokens over one epoch of every member (needs ``lengths``)."""
@@ -112,26 +125,29 @@ class MemberSampler(Sampler[int]):
         return float(computed / (self.num_members * self.lengths.sum()))
 
 
-class _EpochTagged(Dataset):
-    """Rows of a tokenized dataset, addressed by ``epoch * n + row``."""
+class _Rows(Dataset):
+    """Rows of a tokenized dataset fetched by ``(row, epoch, weight, global_batch_size)`` keys."""
 
     def __init__(self, dataset):
-        self.dataset = dataset
+        self.dataset = dataset.select_columns(["example_id", "input_ids", "labels"])
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitems__(self, keys):
-        n = len(self.dataset)
-        rows = self.dataset.select_columns(["example_id", "input_ids", "labels"])[[k % n for k in keys]]
-        return [
-            {"example_id": rows["example_id"][j], "input_ids": rows["input_ids"][j],
-             "labels": rows["labels"][j], "epoch": keys[j] // n}
-            for j in range(len(keys))
-        ]
+        rows = self.dataset[[k[0] for k in keys]]
+        return [{"example_id": rows["example_id"][j], "input_ids": rows["input_ids"][j], "labels": rows["labels"][j],
+                 "epoch": k[1], "weight": k[2], "global_batch": k[3]} for j, k in enumerate(keys)]
 
     def __getitem__(self, key):
         return self.__getitems__([key])[0]
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader whose `set_epoch` reaches its `MemberSampler` (the Trainer calls it each epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 def pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -150,11 +166,12 @@ def pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         "attention_mask": mask,
         "labels": labels,
         "example_id": torch.tensor([f["example_id"] for f in features], dtype=torch.long),
+        "weight": torch.tensor([f.get("weight", 1.0) for f in features], dtype=torch.float32),
     }
 
 
 class MemberCollator:
-    """Splits a step's ``M * B`` rows into M padded member batches."""
+    """Splits a step's rows (members one after another, equally many each) into M padded batches."""
 
     def __init__(self, num_members: int, pad_token_id: int):
         self.num_members, self.pad_token_id = num_members, pad_token_id
@@ -164,6 +181,7 @@ class MemberCollator:
         return {
             "members": [pad_batch(features[m * b : (m + 1) * b], self.pad_token_id) for m in range(self.num_members)],
             "epoch": features[0]["epoch"],
+            "global_batch": features[0]["global_batch"],
         }
 
 
@@ -210,7 +228,8 @@ class GradFilterTrainer(Trainer):
         train_dataset: raw instruction rows (`datasets.Dataset` in alpaca, prompt_completion or
             messages format). Every row is scored; rows with no response token after truncation
             get NaN.
-        processing_class: the tokenizer (a fast one); loaded from ``model`` when it is a string.
+        processing_class: the tokenizer (a fast one); loaded from ``model`` when it is a string. Not
+            needed for pre-tokenized rows (``input_ids`` + ``labels`` columns).
 
     After `train()`, ``trainer.record`` holds the `GradientRecord`; `save_model()` writes every
     member as a PEFT adapter (``<output_dir>/member_m``) and the record beside them.
@@ -226,11 +245,16 @@ class GradFilterTrainer(Trainer):
         if isinstance(model, str):
             processing_class = processing_class or AutoTokenizer.from_pretrained(model)
             model = AutoModelForCausalLM.from_pretrained(model)
-        if processing_class is None:
-            raise ValueError("Pass processing_class=tokenizer (a fast tokenizer matching the proxy model).")
         tokenizer = processing_class
-        if tokenizer.pad_token_id is None:
+        pretokenized = {"input_ids", "labels"} <= set(train_dataset.column_names)
+        if tokenizer is None and not pretokenized:
+            raise ValueError("Pass processing_class=tokenizer (a fast tokenizer matching the proxy model).")
+        if tokenizer is not None and tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        config = getattr(model, "config", None)
+        self.pad_token_id = next((i for i in (
+            getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
+            getattr(config, "eos_token_id", None)) if isinstance(i, int)), 0)
 
         tokenized, fmt = tokenize_dataset(train_dataset, tokenizer, args.instruction_format, args.max_length)
         self.tokenized = tokenized
@@ -268,12 +292,12 @@ class GradFilterTrainer(Trainer):
             args=args,
             train_dataset=tokenized.select(trainable),
             processing_class=tokenizer,
-            data_collator=MemberCollator(args.num_members, tokenizer.pad_token_id),
+            data_collator=MemberCollator(args.num_members, self.pad_token_id),
             callbacks=callbacks,
             **kwargs,
         )
         self.recorder = LoraNormRecorder(self.model, self.member_names)
-        self.record = GradientRecord.empty(
+        self._local = GradientRecord.empty(
             tokenized["example_id"],
             tokenized["row_hash"],
             args.num_members,
@@ -288,27 +312,23 @@ class GradFilterTrainer(Trainer):
                 "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},
             },
         )
+        self.record = self._local  # this process's rows; `gather_record` merges all processes'
         self._member_loss = torch.zeros(args.num_members)
         self._member_loss_steps = 0
 
     # ---- data ----------------------------------------------------------------------------------
 
     def get_train_dataloader(self) -> DataLoader:
+        """Each process reads its own slice of every global batch (see `MemberSampler`), so the
+        loader is not sharded again by accelerate; `_prepare_inputs` moves batches to the device."""
         a = self.args
         self.sampler = MemberSampler(
             len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
             a.data_seed if a.data_seed is not None else a.seed,
-            lengths=self.train_dataset["length"] if a.train_sampling_strategy == "group_by_length" else None)
-        sampler = self.sampler
-        loader = DataLoader(
-            _EpochTagged(self.train_dataset),
-            batch_size=a.num_members * a.per_device_train_batch_size,
-            sampler=sampler,
-            collate_fn=self.data_collator,
-            num_workers=a.dataloader_num_workers,
-            pin_memory=a.dataloader_pin_memory,
-        )
-        return self.accelerator.prepare(loader)
+            lengths=self.train_dataset["length"] if a.train_sampling_strategy == "group_by_length" else None,
+            num_replicas=a.world_size, rank=a.process_index)
+        return _EpochLoader(_Rows(self.train_dataset), batch_sampler=self.sampler, collate_fn=self.data_collator,
+                            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory)
 
     def floating_point_ops(self, inputs) -> int:
         return 0
@@ -321,9 +341,11 @@ class GradFilterTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._activate(self.member_names)  # every member trainable when the optimizer is built
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         finally:
             self._activate(self.member_names)
+        self.gather_record()
+        return output
 
     def _member_forward(self, model, batch) -> torch.Tensor:
         with self.compute_loss_context_manager():
@@ -333,24 +355,29 @@ class GradFilterTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
-        epoch = int(inputs["epoch"])
+        epoch, global_batch = int(inputs["epoch"]), int(inputs["global_batch"])
         record = self.args.record_mode == "train"
-        ga = self.current_gradient_accumulation_steps
+        ga, world = self.current_gradient_accumulation_steps, self.args.world_size
         total = torch.zeros((), device=self.args.device)
-        for m, (name, batch) in enumerate(zip(self.member_names, inputs["members"])):
-            self._activate(name)
-            if record:
-                self.recorder.start(len(batch["input_ids"]), self.args.device)
-            losses = self._member_forward(model, batch)
-            loss = losses.mean() / ga
-            self.accelerator.backward(loss)
-            self._check_finite(losses, batch["example_id"], name)
-            if record:
-                # backward saw sum_i loss_i / (B * ga) (times the fp16 loss scale, if any)
-                scale = len(losses) * ga / self._loss_scale()
-                self._store(batch["example_id"], m, epoch, self.recorder.stop().sqrt() * scale, losses)
-            total += loss.detach()
-            self._member_loss[m] += loss.detach().cpu() * ga
+        # Gradients are averaged over processes once per optimizer step (`_sync_gradients`), not per backward.
+        with self.accelerator.no_sync(model):
+            for m, (name, batch) in enumerate(zip(self.member_names, inputs["members"])):
+                self._activate(name)
+                if record:
+                    self.recorder.start(len(batch["input_ids"]), self.args.device)
+                losses = self._member_forward(model, batch)
+                weight = batch["weight"]
+                # after averaging over processes: sum of loss_i over the global batch / its size / ga
+                loss = (losses * weight).sum() * world / (global_batch * ga)
+                self.accelerator.backward(loss)
+                self._check_finite(losses, batch["example_id"], name)
+                if record:  # backward saw loss_i * world / (global_batch * ga) (times the fp16 loss scale)
+                    norms = self.recorder.stop().sqrt() * (global_batch * ga / (world * self._loss_scale()))
+                    keep = weight > 0
+                    self._store(batch["example_id"][keep], m, epoch, norms[keep], losses[keep])
+                member_loss = (losses.detach() * weight).sum() / weight.sum().clamp(min=1)
+                total += member_loss / ga
+                self._member_loss[m] += member_loss.cpu()
         self._member_loss_steps += 1
         return total / len(self.member_names)
 
@@ -362,7 +389,8 @@ class GradFilterTrainer(Trainer):
         bad = ~torch.isfinite(losses.detach())
         if bad.any():
             ids = example_ids[bad].tolist()
-            self.save_record()
+            self._local.save(self.args.output_dir if self.args.world_size <= 1 else
+                             os.path.join(self.args.output_dir, f"partial_record_rank{self.args.process_index}"))
             raise FloatingPointError(
                 f"Non-finite loss for example id(s) {ids[:20]} ({name}, global step {self.state.global_step}); "
                 "the partial record was saved. Lower the learning rate, or use fp32."
@@ -370,11 +398,56 @@ class GradFilterTrainer(Trainer):
 
     def _store(self, example_ids, m, epoch, norms, losses) -> None:
         rows = example_ids.cpu().numpy()
-        self.record.norms[rows, m, epoch] = norms.detach().float().cpu().numpy()
-        self.record.losses[rows, m, epoch] = losses.detach().float().cpu().numpy()
+        self._local.norms[rows, m, epoch] = norms.detach().float().cpu().numpy()
+        self._local.losses[rows, m, epoch] = losses.detach().float().cpu().numpy()
+
+    # ---- distributed ---------------------------------------------------------------------------
+
+    def _sync_gradients(self) -> None:
+        """Average the LoRA gradients over processes (one all-reduce per optimizer step)."""
+        if self.args.world_size <= 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.accelerator.unwrap_model(self.model).parameters() if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.args.world_size
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def gather_record(self) -> GradientRecord:
+        """Combine every process's recorded rows into ``self.record`` (a collective call).
+
+        Raises if any (example, member, epoch) was recorded by more than one process.
+        """
+        if self.args.world_size <= 1:
+            self.record = self._local
+            return self.record
+        merged = {}
+        for key in ("norms", "losses"):
+            local = torch.from_numpy(getattr(self._local, key))
+            values = torch.nan_to_num(local, nan=0.0).to(self.args.device)
+            counts = (~torch.isnan(local)).to(torch.int32).to(self.args.device)
+            torch.distributed.all_reduce(values)
+            torch.distributed.all_reduce(counts)
+            values, counts = values.cpu().numpy(), counts.cpu().numpy()
+            if (counts > 1).any():
+                rows = np.unique(np.nonzero(counts > 1)[0])[:10].tolist()
+                raise RuntimeError(f"Example id(s) {rows} were recorded by more than one process.")
+            merged[key] = np.where(counts == 1, values, np.nan).astype(np.float32)
+        self.record = GradientRecord(merged["norms"], merged["losses"], self._local.example_id,
+                                     self._local.row_hash, self._local.metadata)
+        return self.record
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # no clipping this run: `_clip_grad_norm` did not sync
+            self._sync_gradients()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _clip_grad_norm(self, model):
         """Clip each member's gradient by itself, so members stay independent; returns the total norm."""
+        self._sync_gradients()
         self.accelerator.unscale_gradients()
         unwrapped = self.accelerator.unwrap_model(model)
         sq = 0.0
@@ -400,7 +473,8 @@ class GradFilterTrainer(Trainer):
         model.eval()  # no dropout: the norm at fixed weights
         unwrapped = self.accelerator.unwrap_model(model)
         bs = self.args.per_device_eval_batch_size
-        rows = self.train_dataset
+        rows = self.train_dataset.shard(self.args.world_size, self.args.process_index, contiguous=True)
+        rows = rows.select(np.argsort(-np.asarray(rows["length"]), kind="stable"))  # similar lengths share a batch
         progress = tqdm(total=len(self.member_names) * len(rows), desc=f"Snapshot epoch {epoch + 1}",
                         disable=self.args.disable_tqdm)
         for m, name in enumerate(self.member_names):
@@ -410,7 +484,7 @@ class GradFilterTrainer(Trainer):
                 chunk = rows[start : start + bs]
                 feats = [{"input_ids": i, "labels": l, "example_id": e}
                          for i, l, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
-                batch = self._prepare_inputs(pad_batch(feats, self.processing_class.pad_token_id))
+                batch = self._prepare_inputs(pad_batch(feats, self.pad_token_id))
                 self.recorder.start(len(feats), self.args.device)
                 losses = self._member_forward(model, batch)
                 torch.autograd.grad(losses.sum(), params, allow_unused=True)
@@ -433,16 +507,36 @@ class GradFilterTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.save_pretrained(output_dir, selected_adapters=self.member_names)
-        self.processing_class.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
         self.save_record(output_dir)
         with open(os.path.join(output_dir, "gradfilter_config.json"), "w") as f:
             json.dump(self.record.metadata, f, indent=2, default=str)
 
     def _save_checkpoint(self, model, trial):
+        """Checkpoint = Trainer's (members, optimizer, scheduler, RNG, state) + the partial record."""
+        self.gather_record()  # collective: every process takes part
         super()._save_checkpoint(model, trial)
-        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.is_world_process_zero() and os.path.isdir(checkpoint):
-            self.save_record(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Restore every member's weights and the partial record (the Trainer restores the rest)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        for name in self.member_names:
+            path = os.path.join(resume_from_checkpoint, name, "adapter_model.safetensors")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"Checkpoint {resume_from_checkpoint} has no adapter for {name}; "
+                                        "it was not written by GradFilterTrainer with this num_members.")
+            set_peft_model_state_dict(unwrapped, load_file(path), adapter_name=name)
+        record = GradientRecord.load(resume_from_checkpoint)
+        if not np.array_equal(record.row_hash, self._local.row_hash) or record.norms.shape != self._local.norms.shape:
+            raise ValueError(f"The record in {resume_from_checkpoint} was made from another dataset or settings; "
+                             "use a fresh output_dir.")
+        if self.args.process_index == 0:  # the others start empty, so the next gather counts each row once
+            self._local.norms[:], self._local.losses[:] = record.norms, record.losses
+        self._activate(self.member_names)
 
     def member_loss_table(self) -> np.ndarray:
         """``(M, E)`` mean recorded loss per member and epoch (NaN where nothing was recorded)."""

@@ -1,0 +1,67 @@
+"""Scoring under torchrun (2 CPU processes, gloo) equals 1 process; a SIGKILLed run resumes to the same record."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_gradfilter import GradientRecord, score_parts, top_indices
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "score_tiny.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def score(out, *extra, processes=1):
+    if processes == 1:
+        cmd = [sys.executable, SCRIPT]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT]
+    subprocess.run(cmd + ["--output_dir", str(out), *extra], check=True, env=ENV, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return GradientRecord.load(str(out))
+
+
+@pytest.mark.parametrize("mode", ["train", "snapshot"])
+def test_two_processes_give_the_single_process_record_and_selection(mode, tmp_path):
+    single = score(tmp_path / "one", "--batch", "4", "--record_mode", mode)
+    double = score(tmp_path / "two", "--batch", "2", "--record_mode", mode, processes=2)
+    assert np.isfinite(double.norms).all()  # every example, member and epoch recorded (exactly once: else it raises)
+    np.testing.assert_allclose(double.norms, single.norms, rtol=1e-4)
+    np.testing.assert_allclose(double.losses, single.losses, rtol=1e-4)
+    a, _ = top_indices(score_parts(single.norms)["gsnr"], fraction=0.3)
+    b, _ = top_indices(score_parts(double.norms)["gsnr"], fraction=0.3)
+    assert a.tolist() == b.tolist()
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path):
+    reference = score(tmp_path / "ref", "--save_steps", "3")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, SCRIPT, "--output_dir", str(out), "--save_steps", "3", "--sleep", "0.3"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-6" / "trainer_state.json").exists():  # step 6 of 10 in epoch 1
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "gradient_record.safetensors").exists()  # it really died before the end
+    resumed = score(out, "--save_steps", "3")  # the same command again
+    assert (out / "steps_run.txt").read_text() == "14"  # 2 epochs x 10 steps, 6 done before the kill
+    assert (tmp_path / "ref" / "steps_run.txt").read_text() == "20"
+    np.testing.assert_allclose(resumed.norms, reference.norms, rtol=1e-6)
+    np.testing.assert_allclose(resumed.losses, reference.losses, rtol=1e-6)

@@ -121,3 +121,28 @@ def test_gradient_accumulation_keeps_norms_exact(tokenizer, alpaca_small, tmp_pa
         ref = reference_norms(trainer, initial, m, ids)
         for epoch in range(2):
             np.testing.assert_allclose(trainer.record.norms[ids, m, epoch], ref, rtol=1e-4)
+
+
+def test_models_that_post_process_logits_take_the_full_forward_and_stay_exact(tokenizer, alpaca_small, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    class Scaled(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    base = make_model("gpt2", tokenizer)
+    scaled = Scaled(base.config)
+    scaled.load_state_dict(base.state_dict())
+    args = config(tmp_path, learning_rate=0.0, lora_target_modules=TARGETS["gpt2"])
+    trainer = GradFilterTrainer(scaled, args=args, train_dataset=alpaca_small, processing_class=tokenizer)
+    initial = CaptureLora._lora(trainer.model)
+    trainer.train()
+    assert trainer._split_head() is False
+    plain = GradFilterTrainer(make_model("gpt2", tokenizer), args=config(tmp_path / "p"), train_dataset=alpaca_small,
+                              processing_class=tokenizer)
+    assert plain._split_head() is True
+    ids = np.arange(len(alpaca_small))
+    ref = reference_norms(trainer, initial, 0, ids)  # the reference runs the scaled model's own forward
+    np.testing.assert_allclose(trainer.record.norms[ids, 0, 0], ref, rtol=1e-4)

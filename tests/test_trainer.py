@@ -135,3 +135,14 @@ def test_non_finite_loss_names_the_examples_and_keeps_the_record(tokenizer, alpa
 def test_bad_config_is_refused_with_the_value_named(bad, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **bad)
+
+
+def test_head_on_response_positions_only_gives_the_full_logits_loss():
+    from hf_gradfilter.trainer import per_example_loss, response_loss
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(3, 7, 5), torch.nn.Linear(5, 11, bias=False)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :3] = -100
+    labels[2, 5:] = -100
+    torch.testing.assert_close(response_loss(hidden, head, labels), per_example_loss(head(hidden), labels))

@@ -140,11 +140,36 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
     """A `datasets.Dataset` from a local file, a save_to_disk folder, or the Hub."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    def first_invalid_utf8(path: str, chunk_size: int = 1 << 20) -> tuple[int, int] | None:
+        """``(line, byte offset)`` of the first byte of ``path`` that is not valid UTF-8, or None."""
+        carry, offset, line = b"", 0, 1  # offset: file position of data[0]
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                data, carry = carry + chunk, b""
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if not (chunk and err.reason == "unexpected end of data"):
+                        return line + data[: err.start].count(b"\n"), offset + err.start
+                    data, carry = data[: err.start], data[err.start :]  # a character split across chunks
+                if not chunk:
+                    return None
+                offset, line = offset + len(data), line + data.count(b"\n")
+
     if os.path.isfile(name):
         ext = name.rsplit(".", 1)[-1].lower()
         builder = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}.get(ext)
         if builder is None:
             raise ValueError(f"Cannot read {name!r}: use a .json, .jsonl, .csv or .parquet file.")
+        # Checked first: datasets 5.2 loads a JSON Lines file with invalid UTF-8 without complaint and fails
+        # only when the rows are read (UnicodeDecodeError); .json and .csv fail with DatasetGenerationError.
+        bad = first_invalid_utf8(name) if builder in ("json", "csv") else None
+        if bad is not None:
+            raise ValueError(
+                f"{name!r} is not valid UTF-8 (first bad byte at line {bad[0]}, byte offset {bad[1]}); re-encode it "
+                f"as UTF-8 from its real encoding, e.g. `iconv -f latin1 -t utf-8 {name} > fixed.{ext}`."
+            )
         try:
             return load_dataset(builder, data_files=name, split="train")
         except StopIteration:  # datasets' json reader on a file with no rows
@@ -204,6 +229,8 @@ def score(args: ScoreArguments, config: GradFilterConfig):
         print(f"Resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes the outputs
+        return trainer
     scored = score_dataset(rows, trainer.record)
     scored_path = save_rows(scored, os.path.join(config.output_dir, "scored"))
     trainer.scored, trainer.scored_path = scored, scored_path

@@ -12,9 +12,45 @@ Three row formats are understood (column names configurable through `Instruction
 Each row becomes ``input_ids`` and ``labels`` (-100 on prompt tokens), plus bookkeeping columns:
 ``example_id`` (the row's position in the source dataset, stable across runs), ``row_hash`` (a
 64-bit hash of the fields that were formatted, so a record can be matched to its dataset),
-``num_response_tokens`` and ``truncated``. Rows are cut to ``max_length`` tokens; a row left with
-no response token keeps ``num_response_tokens == 0`` and later gets NaN scores: it is counted,
-never dropped.
+``num_response_tokens``, ``truncated`` and ``empty_response``. Rows are cut to ``max_length``
+tokens; a row left with no response token keeps ``num_response_tokens == 0`` and later gets NaN
+scores: it is counted, never dropped.
+
+Odd input
+---------
+Every row of the source gets a row in the output, in order; each odd case below has one outcome,
+either a `ValueError` before any training or a policy whose rows are counted in
+``GradFilterTrainer.data_stats`` (and so in the record's metadata).
+
+- **Nulls.** A null ``instruction``/``input``/``output``/``prompt``/``completion`` is read as ``""``;
+  a null ``messages`` value as a conversation with no turns, a null ``content`` as ``""``.
+- **Empty response.** An ``output``/``completion`` that is empty or whitespace only, or a
+  conversation whose assistant turns are all empty (or that has none), gives the row no response
+  token (all labels -100): it is not trained on, gets NaN scores, and has ``empty_response``
+  set; the trainer counts it in ``num_empty_response``. A pre-tokenized row whose labels are all
+  -100 counts the same way. In a conversation with some non-empty assistant turns, an empty turn's
+  end-of-turn tokens are still trained on. An empty *prompt* (instruction) is fine: the row is
+  scored normally.
+- **No response token after truncation.** ``num_no_response`` counts every row with
+  ``num_response_tokens == 0``, so it *includes* the empty-response rows:
+  ``num_no_response - num_empty_response`` rows lost their whole response to ``max_length``.
+- **Rows far over max_length.** Cut to ``max_length`` tokens (``truncated``, counted in
+  ``num_truncated``) and scored on the response tokens that remain.
+- **Non-string fields.** ``int``/``float``/``bool`` values in text columns (and message
+  ``content``) are converted with ``str()``. A list, dict or bytes value in an alpaca or
+  prompt/completion text column raises a `ValueError` naming the column, the example id (row
+  position) and the type. A ``messages`` value that is not a list of dicts each with a string
+  ``role`` and a ``content`` key raises a `ValueError` naming the example id.
+- **Duplicate rows** (same formatted content, so the same ``row_hash``) are each trained on and
+  scored independently; the trainer counts the repeats (rows whose hash appeared earlier) in
+  ``num_duplicate_rows`` and logs a warning. The scorer matches rows by position/``example_id``,
+  so each copy gets its own scores.
+- **Invalid UTF-8** in a JSON/JSONL/CSV file is refused by ``cli.load_rows`` with a one-line error
+  naming the file and the fix (re-encode it, e.g. ``iconv -f latin1 -t utf-8``).
+- **A non-finite loss** stops training with a `FloatingPointError` naming the example ids, the
+  member and the global step; the partial record is saved first.
+- **A dataset changed between scoring and selecting** is refused by `GSNRScorer` (row hash or row
+  count mismatch), never silently mis-scored.
 """
 
 from __future__ import annotations
@@ -37,7 +73,8 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-TOKENIZED_COLUMNS = ("example_id", "row_hash", "input_ids", "labels", "length", "num_response_tokens", "truncated")
+TOKENIZED_COLUMNS = ("example_id", "row_hash", "input_ids", "labels", "length", "num_response_tokens", "truncated",
+                     "empty_response")
 
 
 @dataclass(frozen=True)
@@ -131,10 +168,28 @@ class DataFormatArguments:
         )
 
 
-def _text(value: Any) -> str:
+_NOT_TEXT = (list, tuple, dict, bytes, bytearray)
+
+
+def _text(value: Any, column: str | None = None, example_id: int | None = None) -> str:
+    """A text field as ``str``: null -> ``""``, numbers and bools -> ``str()``; lists, dicts and bytes
+    are refused (naming the column and example id when given)."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, _NOT_TEXT):
+        where = f"Column {column!r}" if column is not None else "A text field"
+        row = f" of example id {example_id}" if example_id is not None else ""
+        raise ValueError(
+            f"{where}{row} holds a {type(value).__name__}, not text; text columns must hold strings "
+            "(or numbers). Convert the column to strings or point the format at another column."
+        )
+    return str(value)
+
+
+def _is_empty(text: str) -> bool:
+    return not text.strip()
 
 
 def row_hashes(batch: dict[str, list], columns: list[str]) -> list[int]:
@@ -148,26 +203,65 @@ def row_hashes(batch: dict[str, list], columns: list[str]) -> list[int]:
     return out
 
 
-def render(row: dict[str, Any], fmt: InstructionFormat, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """Render one row to ``(text, response_spans)``; spans are ``[start, end)`` character ranges."""
+def render(row: dict[str, Any], fmt: InstructionFormat, tokenizer,
+           example_id: int | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Render one row to ``(text, response_spans)``; spans are ``[start, end)`` character ranges.
+
+    An empty (or whitespace-only) response gives no span: the row has no response token.
+    ``example_id`` only names the row in errors.
+    """
     if fmt.kind == "alpaca":
-        instruction, inp = _text(row.get(fmt.instruction_column)), _text(row.get(fmt.input_column))
+        instruction = _text(row.get(fmt.instruction_column), fmt.instruction_column, example_id)
+        inp = _text(row.get(fmt.input_column), fmt.input_column, example_id)
+        output = _text(row.get(fmt.output_column), fmt.output_column, example_id)
         template = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
         prompt = template.format(instruction=instruction, input=inp)
-        response = _text(row.get(fmt.output_column)) + tokenizer.eos_token
-        return prompt + response, [(len(prompt), len(prompt) + len(response))]
+        return _with_response(prompt, output, tokenizer)
     if fmt.kind == "prompt_completion":
-        prompt = _text(row.get(fmt.prompt_column))
-        response = _text(row.get(fmt.completion_column)) + tokenizer.eos_token
-        return prompt + response, [(len(prompt), len(prompt) + len(response))]
-    return _render_messages(row.get(fmt.messages_column) or [], tokenizer)
+        prompt = _text(row.get(fmt.prompt_column), fmt.prompt_column, example_id)
+        completion = _text(row.get(fmt.completion_column), fmt.completion_column, example_id)
+        return _with_response(prompt, completion, tokenizer)
+    return _render_messages(_messages(row.get(fmt.messages_column), fmt.messages_column, example_id), tokenizer)
+
+
+def _with_response(prompt: str, response: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    text = prompt + response + tokenizer.eos_token
+    return text, [] if _is_empty(response) else [(len(prompt), len(text))]
+
+
+def _messages(value: Any, column: str, example_id: int | None) -> list[dict]:
+    """Check a conversation (list of ``{"role", "content"}`` dicts); null -> no turns, null content -> ``""``."""
+    if value is None:
+        return []
+    row = f"example id {example_id}" if example_id is not None else "a row"
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"Column {column!r} of {row} holds a {type(value).__name__}; a conversation must be "
+                         "a list of {'role': ..., 'content': ...} dicts.")
+    out = []
+    for turn, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise ValueError(f"Column {column!r} of {row}, turn {turn}: expected a dict with a string 'role' and "
+                             f"a 'content', got {message!r:.80}.")
+        content = message["content"]
+        if content is None or isinstance(content, (int, float, bool)):
+            message = {**message, "content": _text(content)}
+        out.append(message)
+    return out
+
+
+def _content_is_empty(content: Any) -> bool:
+    return _is_empty(content) if isinstance(content, str) else not content
 
 
 def _render_messages(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
     def chat(msgs, add_generation_prompt=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    if not messages:
+        return "", []  # a null or empty conversation (some chat templates fail on it)
     full = chat(messages)
+    if all(_content_is_empty(m.get("content")) for m in messages if m.get("role") == "assistant"):
+        return full, []  # no assistant turn with text: no response token
     spans = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
@@ -205,10 +299,11 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], *, fmt: Instructi
                    max_length: int, used_columns: list[str]) -> dict[str, list]:
     """`Dataset.map(batched=True, with_indices=True)` function producing `TOKENIZED_COLUMNS`."""
     out = {k: [] for k in TOKENIZED_COLUMNS}
-    for ids, labels in _token_rows(batch, len(indices), fmt, tokenizer):
+    for ids, labels, empty in _token_rows(batch, indices, fmt, tokenizer):
         if len(ids) != len(labels):
             raise ValueError(f"input_ids ({len(ids)}) and labels ({len(labels)}) differ in length in a tokenized row.")
         out["truncated"].append(len(ids) > max_length)
+        out["empty_response"].append(empty)
         ids, labels = ids[:max_length], labels[:max_length]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
@@ -220,12 +315,14 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], *, fmt: Instructi
     return out
 
 
-def _token_rows(batch, n, fmt, tokenizer):
-    """``(input_ids, labels)`` per row, labels -100 outside the response spans."""
+def _token_rows(batch, indices, fmt, tokenizer):
+    """``(input_ids, labels, empty_response)`` per row, labels -100 outside the response spans."""
     if fmt.kind == "tokenized":
-        yield from zip(batch["input_ids"], batch["labels"])
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            yield ids, labels, all(lab == -100 for lab in labels)
         return
-    rendered = [render({c: batch[c][i] for c in batch}, fmt, tokenizer) for i in range(n)]
+    rendered = [render({c: batch[c][i] for c in batch}, fmt, tokenizer, example_id=indices[i])
+                for i in range(len(indices))]
     enc = tokenizer(
         [text for text, _ in rendered],
         return_offsets_mapping=True,
@@ -234,7 +331,7 @@ def _token_rows(batch, n, fmt, tokenizer):
     for i, (_, spans) in enumerate(rendered):
         ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
         yield ids, [tok if e > s and any(s < end and e > start for start, end in spans) else -100
-                    for tok, (s, e) in zip(ids, offsets)]
+                    for tok, (s, e) in zip(ids, offsets)], not spans
 
 
 def tokenize_dataset(dataset, tokenizer, fmt: InstructionFormat | None = None, max_length: int = 512,

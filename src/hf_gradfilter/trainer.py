@@ -54,6 +54,20 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return nll.sum(dim=1) / counts.clamp(min=1)
 
 
+def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """`per_example_loss` from the last hidden states, running the LM head only where a label is.
+
+    ``(B, T, d) hidden, head: d -> V, (B, T) labels -> (B,)``. Prompt and padding positions never
+    reach the ``V``-wide head or the softmax: less compute, and no ``B x T x V`` logits tensor.
+    """
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logits = head(hidden[:, :-1][mask]).float()  # (K, V), K = labelled positions in the batch
+    nll = F.cross_entropy(logits, targets[mask], reduction="none")
+    sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, mask.nonzero()[:, 0], nll)
+    return sums / mask.sum(dim=1).clamp(min=1)
+
+
 class MemberSampler(Sampler[list]):
     """A batch sampler: each step, one batch of rows per member, each from that member's own order.
 
@@ -261,20 +275,35 @@ class GradFilterTrainer(Trainer):
         self.instruction_format = fmt
         counts = np.asarray(tokenized["num_response_tokens"])
         trainable = np.flatnonzero(counts > 0)
+        hashes = np.asarray(tokenized["row_hash"], dtype=np.int64)
+        num_empty = int(np.sum(tokenized["empty_response"]))
+        # Policies and how the counts relate: the "Odd input" section of `formatting`'s docstring.
         self.data_stats = {
             "num_rows": len(tokenized),
             "num_truncated": int(np.sum(tokenized["truncated"])),
-            "num_no_response": int(len(tokenized) - len(trainable)),
+            "num_no_response": int(len(tokenized) - len(trainable)),  # includes the empty-response rows
+            "num_empty_response": num_empty,
+            "num_duplicate_rows": int(len(hashes) - len(np.unique(hashes))),  # rows whose row_hash came earlier
             "max_length": args.max_length,
         }
+        num_cut = self.data_stats["num_no_response"] - num_empty
         if len(trainable) == 0:
             raise ValueError(
-                f"No row has a response token within max_length={args.max_length}; raise max_length."
+                f"No row has a response token: {num_empty} row(s) have an empty response and {num_cut} lose "
+                f"their whole response to truncation at max_length={args.max_length}; fill in the responses "
+                "or raise max_length."
             )
         if self.data_stats["num_no_response"]:
             logger.warning(
-                f"{self.data_stats['num_no_response']} row(s) have no response token within "
-                f"max_length={args.max_length}; they get NaN scores."
+                f"{self.data_stats['num_no_response']} row(s) have no response token and get NaN scores: "
+                f"{num_empty} with an empty response, {num_cut} whose response is cut off by "
+                f"max_length={args.max_length}."
+            )
+        if self.data_stats["num_duplicate_rows"]:
+            logger.warning(
+                f"{self.data_stats['num_duplicate_rows']} row(s) repeat an earlier row's content (same row_hash); "
+                "each copy is trained on and scored independently. Deduplicate the dataset first if that is not "
+                "what you want."
             )
 
         if not isinstance(model, PeftModel):
@@ -348,9 +377,37 @@ class GradFilterTrainer(Trainer):
         return output
 
     def _member_forward(self, model, batch) -> torch.Tensor:
+        """Per-example mean response loss ``(B,)`` of the active member."""
+        split = self._split_head()
         with self.compute_loss_context_manager():
+            if split:
+                lm = self.accelerator.unwrap_model(self.model).get_base_model()
+                hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+                return response_loss(hidden, lm.get_output_embeddings(), batch["labels"])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_example_loss(logits, batch["labels"])
+
+    def _split_head(self) -> bool:
+        """Whether ``head(body(x))`` gives the model's logits (checked once on a tiny input).
+
+        True for plain causal LMs (GPT-2, Llama, ...); False for models that post-process their
+        logits (soft-capping, scaling), which then take the full forward.
+        """
+        if getattr(self, "_split_head_ok", None) is None:
+            lm = self.accelerator.unwrap_model(self.model).get_base_model()
+            head = lm.get_output_embeddings()
+            ok = head is not None and lm.base_model is not lm
+            if ok:
+                ids = torch.tensor([[1, 2, 3, 4]], device=self.args.device) % lm.config.get_text_config().vocab_size
+                was_training = lm.training
+                lm.eval()  # no dropout: the two forwards must be comparable
+                with torch.no_grad():
+                    full = lm(input_ids=ids).logits.float()
+                    split = head(lm.base_model(input_ids=ids)[0]).float()
+                lm.train(was_training)
+                ok = split.shape == full.shape and torch.allclose(split, full, rtol=1e-3, atol=1e-4)
+            self._split_head_ok = bool(ok)
+        return self._split_head_ok
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()

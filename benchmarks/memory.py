@@ -1,0 +1,112 @@
+"""Peak host memory of the scoring data path as the dataset grows (10k, 100k, 1M short rows).
+
+Each size runs in a fresh process: short pre-tokenized rows are written to an Arrow file on disk
+(`Dataset.from_generator`, memory-mapped like any `load_dataset` result), a `GradFilterTrainer`
+tokenizes them (cached to disk), builds its sampler and record, then one epoch of every member's
+batches is collated and written into the record, and the record is saved. The model's compute is
+skipped (it does not grow with the dataset). Reported: peak RSS above the post-import baseline,
+against the size of the record itself (norms + losses, N x M x E float32 each).
+
+    python benchmarks/memory.py                    # 10k, 100k, 1M rows; a few minutes on 2 CPU cores
+    python benchmarks/memory.py --sizes 10000 100000 --output docs/memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(n: int, members: int, epochs: int, batch: int, workdir: str) -> dict:
+    import numpy as np
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_gradfilter import GradFilterConfig, GradFilterTrainer
+
+    baseline = rss_mb()
+    base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def rows():
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            k = int(rng.integers(8, 25))
+            ids = rng.integers(3, 64, size=k).tolist()
+            yield {"input_ids": ids, "labels": [-100] * (k // 2) + ids[k // 2 :]}
+
+    data = Dataset.from_generator(rows, cache_dir=os.path.join(workdir, "cache"))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_layer=1, n_embd=16, n_head=2, n_positions=32))
+    config = GradFilterConfig(output_dir=os.path.join(workdir, "out"), num_members=members, num_train_epochs=epochs,
+                              late_epoch=epochs, per_device_train_batch_size=batch, use_cpu=True, disable_tqdm=True,
+                              max_length=32, report_to="none")
+    trainer = GradFilterTrainer(model, args=config, train_dataset=data)
+    loader = trainer.get_train_dataloader()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for step in loader:
+            for m, batch_m in enumerate(step["members"]):
+                ones = np.ones(len(batch_m["example_id"]), dtype=np.float32)
+                trainer._store(batch_m["example_id"], m, epoch, _t(ones), _t(ones))
+    trainer.gather_record()
+    trainer.save_record()
+    assert np.isfinite(trainer.record.norms).all()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record_mb = 2 * trainer.record.norms.nbytes / 2**20
+    return {"rows": n, "baseline_mb": baseline, "peak_above_baseline_mb": peak - max(baseline, base_peak),
+            "record_mb": record_mb}
+
+
+def _t(array):
+    import torch
+
+    return torch.from_numpy(array)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.members, args.epochs, args.batch, args.workdir)))
+        return
+    lines = [f"Command: python benchmarks/memory.py --sizes {' '.join(map(str, args.sizes))} --members "
+             f"{args.members} --epochs {args.epochs} --batch {args.batch}", "",
+             "| rows | peak RSS above baseline (MB) | record, norms + losses (MB) | peak / record | MB per 1k rows |",
+             "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--members",
+                                  str(args.members), "--epochs", str(args.epochs), "--batch", str(args.batch)],
+                                 capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        line = (f"| {n:,} | {r['peak_above_baseline_mb']:.0f} | {r['record_mb']:.1f} | "
+                f"{r['peak_above_baseline_mb'] / r['record_mb']:.1f} | {1000 * r['peak_above_baseline_mb'] / n:.2f} |")
+        lines.append(line)
+        print(line, flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("# Peak host memory of scoring\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -246,8 +246,9 @@ def _print_score_summary(trainer) -> None:
     print("  member   " + "  ".join(f"epoch {e + 1:>2}" for e in range(table.shape[1])))
     for m, row in enumerate(table):
         print(f"  {m:>6}   " + "  ".join(f"{v:8.4f}" for v in row))
-    print(f"Rows: {stats['num_rows']}, truncated to max_length={stats['max_length']}: {stats['num_truncated']}, "
-          f"no response token (NaN score): {stats['num_no_response']}")
+    print(f"Rows: {stats['num_rows']}; truncated to max_length={stats['max_length']}: {stats['num_truncated']}; "
+          f"no response token (NaN score): {stats['num_no_response']}, of which empty responses: "
+          f"{stats.get('num_empty_response', 0)}; duplicate rows (scored each): {stats.get('num_duplicate_rows', 0)}")
     out = trainer.args.output_dir
     print(f"Members (PEFT adapters): {out}/member_0 ... member_{trainer.args.num_members - 1}")
     print(f"Gradient record:         {out}/gradient_record.safetensors")

@@ -45,13 +45,12 @@ def _texts(dataset: Dataset, eos: str) -> list[str]:
     return [render(row, fmt, _Eos)[0] for row in dataset]
 
 
-def pretrain_demo_proxy(output_dir: str, seed: int = 0, num_rows: int = PRETRAIN_ROWS, epochs: int = 4,
-                        use_cpu: bool | None = None):
-    """Train the demo tokenizer and GPT-2 backbone on a clean draw of the demo tasks; save both."""
-    clean = make_demo_dataset(num_rows=num_rows, corruption_rate=0.0, seed=seed + 10_000)
-    tokenizer = train_tokenizer(_texts(clean, "<|endoftext|>"), vocab_size=1024)
+def pretrain_proxy(rows: Dataset, output_dir: str, seed: int = 0, epochs: int = 4, vocab_size: int = 1024,
+                   use_cpu: bool | None = None):
+    """Train a BPE tokenizer and a 2-layer GPT-2 (all parameters) on Alpaca-format ``rows``; save both."""
+    tokenizer = train_tokenizer(_texts(rows, "<|endoftext|>"), vocab_size=vocab_size)
     model = tiny_gpt2(tokenizer, n_layer=2, n_embd=128, n_head=4, seed=seed)
-    texts = Dataset.from_dict({"text": _texts(clean, tokenizer.eos_token)})
+    texts = Dataset.from_dict({"text": _texts(rows, tokenizer.eos_token)})
     tokens = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=256), batched=True,
                        remove_columns=["text"], desc="Tokenizing pre-training text")
     args = TrainingArguments(
@@ -67,10 +66,21 @@ def pretrain_demo_proxy(output_dir: str, seed: int = 0, num_rows: int = PRETRAIN
     return model, tokenizer
 
 
+def pretrain_demo_proxy(output_dir: str, seed: int = 0, num_rows: int = PRETRAIN_ROWS, epochs: int = 4,
+                        use_cpu: bool | None = None):
+    """The demo backbone: `pretrain_proxy` on a clean draw of the demo tasks (another seed)."""
+    clean = make_demo_dataset(num_rows=num_rows, corruption_rate=0.0, seed=seed + 10_000)
+    return pretrain_proxy(clean, output_dir, seed=seed, epochs=epochs, use_cpu=use_cpu)
+
+
+def demo_proxy_dir(seed: int = 0, num_rows: int = PRETRAIN_ROWS, epochs: int = 4) -> str:
+    """Where the demo backbone with these settings is cached."""
+    return os.path.join(cache_root(), f"demo_proxy_{DEMO_VERSION}_seed{seed}_rows{num_rows}_ep{epochs}")
+
+
 def demo_proxy(seed: int = 0, cache_dir: str | None = None, num_rows: int = PRETRAIN_ROWS, epochs: int = 4):
     """The warmed-up demo backbone and its tokenizer, from the cache or freshly pre-trained."""
-    name = f"demo_proxy_{DEMO_VERSION}_seed{seed}_rows{num_rows}_ep{epochs}"
-    path = cache_dir or os.path.join(cache_root(), name)
+    path = cache_dir or demo_proxy_dir(seed, num_rows, epochs)
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         print(f"Pre-training the demo proxy backbone (once; cached in {path}) ...")
         pretrain_demo_proxy(path, seed=seed, num_rows=num_rows, epochs=epochs)

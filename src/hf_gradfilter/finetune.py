@@ -73,7 +73,8 @@ def sft_config(output_dir: str, **overrides) -> SFTConfig:
 
 
 def finetune(model, train_dataset, args: SFTConfig | None = None, peft_config: LoraConfig | None = None,
-             processing_class=None, fmt: InstructionFormat | None = None, output_dir: str = "gradfilter_target"):
+             processing_class=None, fmt: InstructionFormat | None = None, output_dir: str = "gradfilter_target",
+             eval_dataset=None):
     """Train a LoRA adapter for ``model`` on ``train_dataset``; save it with its loss curve. Returns the trainer.
 
     Args:
@@ -83,6 +84,7 @@ def finetune(model, train_dataset, args: SFTConfig | None = None, peft_config: L
             GPU is switched to fp32, with a warning.
         peft_config: default `default_lora_config()`.
         processing_class: the target's tokenizer (loaded from ``model`` when it is a string).
+        eval_dataset: optional held-out rows (any supported format), evaluated as ``args.eval_strategy`` says.
     """
     if len(train_dataset) == 0:
         raise ValueError("The selected split is empty: there is nothing to fine-tune on; select a larger ratio.")
@@ -100,8 +102,9 @@ def finetune(model, train_dataset, args: SFTConfig | None = None, peft_config: L
     check_tokenizer(processing_class, "messages" if "messages" in rows.column_names else "prompt_completion")
     if processing_class.pad_token is None:
         processing_class.pad_token = processing_class.eos_token
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processing_class,
-                         peft_config=peft_config or default_lora_config())
+    eval_rows = to_sft_rows(eval_dataset, fmt) if eval_dataset is not None else None
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
+                         processing_class=processing_class, peft_config=peft_config or default_lora_config())
     trainer.train()
     trainer.save_model(args.output_dir)
     save_loss_curve(trainer.state.log_history, args.output_dir)

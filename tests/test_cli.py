@@ -179,3 +179,34 @@ def test_push_with_a_bad_repo_id_fails_before_any_client_call(tmp_path, monkeypa
     monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("reached the client"))
     msg = run_error(["push", "--what", "proxy", "--repo_id", "no-namespace", "--path", str(tmp_path)], capsys)
     assert "no-namespace" in msg
+
+
+def test_score_appends_ablations_and_requested_baselines_and_select_uses_superfiltering_for_ifd(
+        jsonl, proxy_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir, "--output_dir", str(out),
+                 "--extra_scores", "ifd", "random", "response_length"] + TINY) == 0
+    scored = load_from_disk(str(out / "scored"))
+    for column in ("raw_drop", "var_drop", "neg_loss_late", "neg_grad_late", "ifd", "random", "response_length"):
+        assert column in scored.column_names, column
+    assert main(["select", "--scored", str(out / "scored"), "--score_column", "ifd", "--ratio", "0.25"]) == 0
+    selected = load_from_disk(str(out / "selected_ifd_top25pct"))
+    assert all(v < 1 for v in selected["ifd"]) and len(selected) <= 10
+
+
+def test_judge_command_compares_two_targets_with_a_local_judge(tmp_path, tokenizer, capsys):
+    from hf_gradfilter.tiny import tiny_llama
+
+    for name in ("a", "b", "judge"):
+        tiny_llama(tokenizer, hidden_size=32, seed=len(name)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "vicuna_test_set.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "text": f"Say {i}.", "category": "x"}) + "\n"
+                               for i in range(2)))
+    out = tmp_path / "judged"
+    assert main(["judge", "--target_a", str(tmp_path / "a"), "--target_b", str(tmp_path / "b"), "--prompts",
+                 str(prompts), "--judge_model", str(tmp_path / "judge"), "--output_dir", str(out),
+                 "--max_new_tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "vicuna" in printed and (out / "pairwise.png").exists() and (out / "judgements.jsonl").exists()
+    assert len((out / "answers_A.jsonl").read_text().splitlines()) == 2

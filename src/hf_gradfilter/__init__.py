@@ -1,6 +1,7 @@
 """hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning."""
 
-from . import hub
+from . import hub, judge
+from .baselines import HIGHER_IS_BETTER, SCORERS, IFDScorer, LengthScorer, RandomScorer, RecordScorer, superfiltering_select
 from .config import GradFilterConfig
 from .finetune import finetune, sft_config
 from .formatting import InstructionFormat, tokenize_dataset
@@ -14,6 +15,14 @@ from .trainer import GradFilterTrainer, build_ensemble, per_example_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "HIGHER_IS_BETTER",
+    "IFDScorer",
+    "LengthScorer",
+    "RandomScorer",
+    "RecordScorer",
+    "SCORERS",
+    "judge",
+    "superfiltering_select",
     "GradFilterConfig",
     "GradFilterTrainer",
     "GradientRecord",

@@ -10,6 +10,7 @@ Every ``GradFilterConfig`` / ``TrainingArguments`` field is a flag of ``score`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -36,6 +37,10 @@ class ScoreArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to score."})
     model_name_or_path: str = field(default="gpt2", metadata={"help": "Proxy causal LM: Hub id or local path."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub (off)."})
+    extra_scores: list[str] = field(default_factory=list, metadata={
+        "help": "Baselines to append besides G-SNR and its ablations (always added): ifd (Superfiltering, with "
+                "--ifd_model), random, response_length.", "choices": ["ifd", "random", "response_length"]})
+    ifd_model: str | None = field(default=None, metadata={"help": "Small LM for IFD (default: the proxy model)."})
     demo: bool = field(default=False, metadata={"help": "Score the embedded demo dataset with the tiny demo proxy."})
     demo_rows: int = field(default=3000, metadata={"help": "Rows of the demo dataset."})
     demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
@@ -47,7 +52,10 @@ class SelectArguments:
     """Which rows to keep."""
 
     scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
-    score_column: str = field(default="gsnr", metadata={"help": "Column to rank by (higher is kept)."})
+    score_column: str = field(default="gsnr", metadata={
+        "help": "Column to rank by, higher kept: gsnr (the paper), rel_drop, raw_drop, var_drop, neg_grad_late, "
+                "neg_var_late, neg_loss_late, or a baseline added with --extra_scores (ifd uses Superfiltering's "
+                "rule), or any numeric column."})
     ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})
     top_k: int | None = field(default=None, metadata={"help": "Number of rows to keep (instead of --ratio)."})
     output: str | None = field(
@@ -134,6 +142,52 @@ def push(args: PushArguments):
                                      datasets=args.datasets or None, **common)
     print(f"Pushed {args.what} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return info
+
+
+@dataclass
+class JudgeArguments:
+    """Pairwise LLM-as-a-judge between two fine-tuned targets (resumable: rerun to continue)."""
+
+    target_a: str = field(metadata={"help": "Target A: a model or adapter folder (e.g. fine-tuned on the G-SNR split)."})
+    target_b: str = field(metadata={"help": "Target B: the model to compare against (e.g. random split)."})
+    prompts: list[str] = field(metadata={"help": "Prompt sets: .jsonl/.json files (Vicuna, Koala, WizardLM, "
+                                                 "Self-Instruct, LIMA schemas) or Hub dataset ids."})
+    output_dir: str = field(default="judge_output", metadata={"help": "Answers, judgements and the report go here."})
+    name_a: str = field(default="A", metadata={"help": "Display name of target A."})
+    name_b: str = field(default="B", metadata={"help": "Display name of target B."})
+    judge_model: str | None = field(default=None, metadata={"help": "A local transformers chat model as judge."})
+    judge_url: str | None = field(default=None, metadata={"help": "An OpenAI-compatible endpoint (vLLM, TGI, ...)."})
+    judge_served_name: str | None = field(default=None, metadata={"help": "Model name at the endpoint."})
+    judge_api_key: str | None = field(default=None, metadata={"help": "API key for the endpoint (never printed)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Answer length."})
+    batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
+
+
+def judge_command(args: JudgeArguments):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import judge
+
+    if (args.judge_model is None) == (args.judge_url is None):
+        raise ValueError("Pass exactly one judge: --judge_model (local) or --judge_url (OpenAI-compatible endpoint).")
+    prompts = [p for source in args.prompts for p in judge.load_prompts(source)]
+    os.makedirs(args.output_dir, exist_ok=True)
+    answers = []
+    for target, name in ((args.target_a, args.name_a), (args.target_b, args.name_b)):
+        model = AutoModelForCausalLM.from_pretrained(target)  # an adapter folder loads through PEFT
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        answers.append(judge.generate_answers(model, tokenizer, prompts, os.path.join(args.output_dir,
+                       f"answers_{name}.jsonl"), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
+        del model
+    if args.judge_url:
+        judge_fn = judge.EndpointJudge(args.judge_url, model=args.judge_served_name, api_key=args.judge_api_key)
+    else:
+        judge_fn = judge.LocalJudge(AutoModelForCausalLM.from_pretrained(args.judge_model),
+                                    AutoTokenizer.from_pretrained(args.judge_model))
+    pairs = judge.judge_pairs(judge_fn, prompts, answers[0], answers[1],
+                              os.path.join(args.output_dir, "judgements.jsonl"))
+    print(judge.report(pairs, args.output_dir, args.name_a, args.name_b))
+    print(f"Report: {args.output_dir}/pairwise.md, {args.output_dir}/pairwise.png")
 
 
 def load_rows(name: str, config: str | None = None, split: str = "train"):
@@ -231,11 +285,38 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     trainer.save_model()
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes the outputs
         return trainer
-    scored = score_dataset(rows, trainer.record)
+    scored = add_scores(score_dataset(rows, trainer.record), trainer, args, model, tokenizer)
     scored_path = save_rows(scored, os.path.join(config.output_dir, "scored"))
     trainer.scored, trainer.scored_path = scored, scored_path
     _print_score_summary(trainer)
     return trainer
+
+
+def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
+    """Append the record-based ablations (free) and the requested baselines to the scored rows."""
+    from .baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
+
+    scored = scored.map(RecordScorer(trainer.record), batched=True, with_indices=True, desc="Ablations")
+    fmt = trainer.instruction_format
+    for name in args.extra_scores:
+        adapters_off = contextlib.nullcontext()
+        if name == "ifd":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if args.ifd_model:
+                ifd_model, ifd_tok = (AutoModelForCausalLM.from_pretrained(args.ifd_model),
+                                      AutoTokenizer.from_pretrained(args.ifd_model))
+            else:  # the proxy's frozen backbone, members switched off
+                ifd_model, ifd_tok = trainer.model.get_base_model(), tokenizer
+                adapters_off = trainer.model.disable_adapter()
+            scorer = IFDScorer(ifd_model, ifd_tok, fmt=fmt, max_length=trainer.args.max_length)
+        elif name == "random":
+            scorer = RandomScorer(seed=trainer.args.seed)
+        else:
+            scorer = LengthScorer(tokenizer, fmt=fmt)
+        with adapters_off:
+            scored = scored.map(scorer, batched=True, with_indices=True, desc=name)
+    return scored
 
 
 def _print_score_summary(trainer) -> None:
@@ -263,7 +344,14 @@ def select(args: SelectArguments):
     if args.ratio is not None and args.top_k is not None:
         raise ValueError("Pass either --ratio or --top_k, not both.")
     scored = load_rows(args.scored)
-    selected, stats = select_top(scored, args.score_column, fraction=args.ratio, k=args.top_k)
+    if args.score_column == "ifd":  # Superfiltering's own rule: drop IFD >= 1, keep the highest
+        from .baselines import superfiltering_select
+
+        if args.top_k is not None:
+            raise ValueError("--score_column ifd selects by --ratio (Superfiltering's rule), not --top_k.")
+        selected, stats = superfiltering_select(scored, args.ratio)
+    else:
+        selected, stats = select_top(scored, args.score_column, fraction=args.ratio, k=args.top_k)
     tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)), f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
@@ -331,6 +419,8 @@ COMMANDS = {
     "select": ("Keep the top fraction (or top k) of a scored dataset by a score column.", (SelectArguments,)),
     "finetune": ("Fine-tune a target model (LoRA, TRL SFTTrainer) on a selected split.",
                  (FinetuneArguments, "SFTConfig")),
+    "judge": ("Compare two fine-tuned targets with a pairwise LLM judge on instruction prompt sets.",
+              (JudgeArguments,)),
     "push": ("Publish scored/selected data, the proxy ensemble or a target adapter to the Hub, with a card.",
              (PushArguments,)),
     "demo": ("Run score + select on the embedded demo dataset with a tiny proxy (offline, a few minutes on CPU).",
@@ -377,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in rest if a.startswith("--")}
             rest += [x for k, v in defaults.items() if k not in given for x in (f"--{k}", str(v))]
         parsed = parser.parse_args_into_dataclasses(rest)
-        {"score": score, "select": select, "finetune": finetune_command, "push": push, "demo": demo}[command](*parsed)
+        {"score": score, "select": select, "finetune": finetune_command, "judge": judge_command, "push": push,
+         "demo": demo}[command](*parsed)
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)
         return 2

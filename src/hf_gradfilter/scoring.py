@@ -81,3 +81,61 @@ def variance_normalised_drop(g_early: np.ndarray, g_late: np.ndarray, v_late: np
                              eps: float = DEFAULT_EPS) -> np.ndarray:
     """Ablation Alt 3: ``(G_s - G_t) / (V_t + eps)``."""
     return (g_early - g_late) / (v_late + eps)
+
+
+# ---- baselines over the record (RecordScorer) ---------------------------------------------------
+
+RECORD_COLUMNS = ("raw_drop", "var_drop", "loss_late", "neg_loss_late", "neg_grad_late", "neg_var_late")
+
+
+def mean_loss(losses: np.ndarray, epoch: int) -> np.ndarray:
+    """``L_e = mean_m loss[:, m, e]``, the members' mean recorded response loss: ``(N, M, E) -> (N,)``."""
+    return np.mean(_epoch(losses, epoch, "epoch"), axis=1)
+
+
+def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, late_epoch: int = 2,
+                 eps: float = DEFAULT_EPS) -> dict[str, np.ndarray]:
+    """The ablations and record baselines, ``(N,)`` float64 arrays keyed by `RECORD_COLUMNS`::
+
+        raw_drop      = G_s - G_t                  Alt 1
+        var_drop      = (G_s - G_t) / (V_t + eps)  Alt 3
+        loss_late     = L_t                        members' mean loss at the late epoch (lower = learned)
+        neg_loss_late = -L_t                       keep-score: low proxy loss
+        neg_grad_late = -G_t                       keep-score: low late gradient energy
+        neg_var_late  = -V_t                       keep-score: low late ensemble variance
+
+    (Alt 2, ``rel_drop``, and G-SNR itself are in `score_parts`.) ``norms`` and ``losses`` are ``(N, M, E)``.
+    """
+    if norms.shape != losses.shape:
+        raise ValueError(f"norms {norms.shape} and losses {losses.shape} must have the same (N, M, E) shape.")
+    parts = score_parts(norms, early_epoch, late_epoch, eps)  # validates the epochs and eps
+    g_s, g_t, v_t = parts["grad_early"], parts["grad_late"], parts["ens_var_late"]
+    l_t = mean_loss(losses, late_epoch)
+    return {
+        "raw_drop": raw_drop(g_s, g_t),
+        "var_drop": variance_normalised_drop(g_s, g_t, v_t, eps),
+        "loss_late": l_t,
+        "neg_loss_late": -l_t,
+        "neg_grad_late": -g_t,
+        "neg_var_late": -v_t,
+    }
+
+
+def uniform_hash(ids, seed: int = 0) -> np.ndarray:
+    """A uniform ``[0, 1)`` float per id that depends only on ``(seed, id)``: ``(N,) int -> (N,) float64``.
+
+    ``u = (splitmix64(splitmix64(seed) XOR id) >> 11) / 2^53`` (SplitMix64, Steele et al. 2014), so
+    a row's value is the same whatever the batching or the other rows.
+    """
+    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    key = _splitmix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))
+    return (_splitmix64(ids ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))

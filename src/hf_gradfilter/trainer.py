@@ -68,6 +68,11 @@ def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     return sums / mask.sum(dim=1).clamp(min=1)
 
 
+def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
+    """Whole columns of a `datasets.Dataset` as numpy arrays (never as lists of Python objects)."""
+    return dataset.with_format("numpy", columns=names)[:]
+
+
 class MemberSampler(Sampler[list]):
     """A batch sampler: each step, one batch of rows per member, each from that member's own order.
 
@@ -273,14 +278,15 @@ class GradFilterTrainer(Trainer):
         tokenized, fmt = tokenize_dataset(train_dataset, tokenizer, args.instruction_format, args.max_length)
         self.tokenized = tokenized
         self.instruction_format = fmt
-        counts = np.asarray(tokenized["num_response_tokens"])
+        columns = _columns(tokenized, ["num_response_tokens", "row_hash", "empty_response", "truncated", "example_id"])
+        counts = columns["num_response_tokens"]
         trainable = np.flatnonzero(counts > 0)
-        hashes = np.asarray(tokenized["row_hash"], dtype=np.int64)
-        num_empty = int(np.sum(tokenized["empty_response"]))
+        hashes = columns["row_hash"].astype(np.int64)
+        num_empty = int(np.sum(columns["empty_response"]))
         # Policies and how the counts relate: the "Odd input" section of `formatting`'s docstring.
         self.data_stats = {
             "num_rows": len(tokenized),
-            "num_truncated": int(np.sum(tokenized["truncated"])),
+            "num_truncated": int(np.sum(columns["truncated"])),
             "num_no_response": int(len(tokenized) - len(trainable)),  # includes the empty-response rows
             "num_empty_response": num_empty,
             "num_duplicate_rows": int(len(hashes) - len(np.unique(hashes))),  # rows whose row_hash came earlier
@@ -327,8 +333,8 @@ class GradFilterTrainer(Trainer):
         )
         self.recorder = LoraNormRecorder(self.model, self.member_names)
         self._local = GradientRecord.empty(
-            tokenized["example_id"],
-            tokenized["row_hash"],
+            columns["example_id"],
+            hashes,
             args.num_members,
             int(args.num_train_epochs),
             metadata={
@@ -354,7 +360,8 @@ class GradFilterTrainer(Trainer):
         self.sampler = MemberSampler(
             len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
             a.data_seed if a.data_seed is not None else a.seed,
-            lengths=self.train_dataset["length"] if a.train_sampling_strategy == "group_by_length" else None,
+            lengths=(_columns(self.train_dataset, ["length"])["length"]
+                     if a.train_sampling_strategy == "group_by_length" else None),
             num_replicas=a.world_size, rank=a.process_index)
         return _EpochLoader(_Rows(self.train_dataset), batch_sampler=self.sampler, collate_fn=self.data_collator,
                             num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory)

@@ -210,3 +210,26 @@ def test_judge_command_compares_two_targets_with_a_local_judge(tmp_path, tokeniz
     printed = capsys.readouterr().out
     assert "vicuna" in printed and (out / "pairwise.png").exists() and (out / "judgements.jsonl").exists()
     assert len((out / "answers_A.jsonl").read_text().splitlines()) == 2
+
+
+def test_failure_signatures_are_each_triggered_by_a_constructed_record():
+    from hf_gradfilter.cli import failure_signatures
+    from hf_gradfilter.record import GradientRecord
+
+    def record(norms, losses):
+        n = norms.shape[0]
+        return GradientRecord(norms.astype(np.float32), losses.astype(np.float32), np.arange(n), np.arange(n))
+
+    rng = np.random.default_rng(0)
+    healthy = rng.uniform(1, 2, size=(50, 3, 2))
+    healthy[:, :, 1] *= 0.5  # energy drops, members disagree a little
+    falling = np.stack([np.full((50, 3), 2.0), np.full((50, 3), 1.0)], axis=2)
+    assert failure_signatures(record(healthy, falling)) == []
+    rising = healthy[:, :, ::-1].copy()
+    assert any("rose" in w for w in failure_signatures(record(rising, falling)))
+    assert any("did not fall" in w for w in failure_signatures(record(healthy, falling[:, :, ::-1].copy())))
+    collapsed = healthy.copy()
+    collapsed[:, :, 1] = collapsed[:, :1, 1]  # every member has the same late norm
+    assert any("collapsed" in w for w in failure_signatures(record(collapsed, falling)))
+    flat = np.full((50, 3, 2), 1e-9)
+    assert any("near zero" in w for w in failure_signatures(record(flat, falling)))

@@ -319,6 +319,34 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
     return scored
 
 
+def failure_signatures(record, early_epoch: int = 1, late_epoch: int = 2) -> list[str]:
+    """The failure signatures of METHOD.md seen in a record, each with what to try."""
+    import warnings as _warnings
+
+    from .scoring import score_parts
+
+    parts = score_parts(record.norms, early_epoch, late_epoch)
+    out = []
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", RuntimeWarning)
+        loss = np.nanmean(record.losses, axis=(0, 1))
+        rose = float(np.nanmean(parts["rel_drop"] < 0))
+        v_rel = float(np.nanmedian(parts["ens_var_late"] / np.maximum(parts["grad_late"] ** 2, 1e-30)))
+    if loss[late_epoch - 1] >= loss[early_epoch - 1]:
+        out.append(f"the proxy's mean loss did not fall ({loss[early_epoch - 1]:.4f} -> {loss[late_epoch - 1]:.4f}): "
+                   "its scores mean little; raise --learning_rate or train more epochs.")
+    if rose > 0.5:
+        out.append(f"the gradient energy rose from epoch {early_epoch} to {late_epoch} for {rose:.0%} of rows, so "
+                   "the drop in G-SNR is mostly negative and the paper's score ranks rows it has learned last; "
+                   "see docs/quality.md, and compare --score_column neg_grad_late.")
+    if np.isfinite(v_rel) and v_rel < 1e-4:
+        out.append("the members' late norms barely differ (ensemble variance collapsed): the uncertainty term "
+                   "carries no signal; use more members or different seeds/data orders.")
+    if np.isfinite(parts["gsnr"]).any() and np.nanmax(np.abs(parts["gsnr"])) < 1e-6:
+        out.append("G-SNR is near zero for every row: check the proxy's loss and learning rate.")
+    return out
+
+
 def _print_score_summary(trainer) -> None:
     table = trainer.member_loss_table()
     stats = trainer.data_stats
@@ -330,6 +358,8 @@ def _print_score_summary(trainer) -> None:
     print(f"Rows: {stats['num_rows']}; truncated to max_length={stats['max_length']}: {stats['num_truncated']}; "
           f"no response token (NaN score): {stats['num_no_response']}, of which empty responses: "
           f"{stats.get('num_empty_response', 0)}; duplicate rows (scored each): {stats.get('num_duplicate_rows', 0)}")
+    for warning in failure_signatures(trainer.record, trainer.args.early_epoch, trainer.args.late_epoch):
+        print(f"Warning: {warning}")
     out = trainer.args.output_dir
     print(f"Members (PEFT adapters): {out}/member_0 ... member_{trainer.args.num_members - 1}")
     print(f"Gradient record:         {out}/gradient_record.safetensors")
@@ -403,11 +433,6 @@ def demo(args: DemoArguments, config: GradFilterConfig):
     clean = ~np.asarray(scored["is_corrupted"])
     print(f"AUROC of G-SNR for ranking clean rows above corrupted ones over the whole set: "
           f"{auroc(np.asarray(scored['gsnr'], dtype=float), clean):.3f} (random: 0.5)")
-    rose = float(np.mean(np.asarray(scored["rel_drop"], dtype=float) < 0))
-    if rose > 0.5:
-        print(f"Warning: the gradient energy rose from epoch {config.early_epoch} to {config.late_epoch} for "
-              f"{rose:.0%} of rows, so the 'drop' in G-SNR is mostly negative (a known failure signature; "
-              "see the README).")
     if config.learning_rate == DEMO_LEARNING_RATE:
         print(f"(demo proxy LoRA learning rate {DEMO_LEARNING_RATE}; the paper's 5e-5 is meant for GPT-2)")
     return trainer, selected

@@ -408,9 +408,10 @@ class GradFilterTrainer(Trainer):
                 ids = torch.tensor([[1, 2, 3, 4]], device=self.args.device) % lm.config.get_text_config().vocab_size
                 was_training = lm.training
                 lm.eval()  # no dropout: the two forwards must be comparable
+                mask = torch.ones_like(ids)
                 with torch.no_grad():
-                    full = lm(input_ids=ids).logits.float()
-                    split = head(lm.base_model(input_ids=ids)[0]).float()
+                    full = lm(input_ids=ids, attention_mask=mask).logits.float()
+                    split = head(lm.base_model(input_ids=ids, attention_mask=mask)[0]).float()
                 lm.train(was_training)
                 ok = split.shape == full.shape and torch.allclose(split, full, rtol=1e-3, atol=1e-4)
             self._split_head_ok = bool(ok)

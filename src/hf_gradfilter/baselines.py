@@ -22,7 +22,7 @@ from .formatting import InstructionFormat, _messages, _text, check_tokenizer, re
 from .scorer import GSNRScorer
 from .scoring import RECORD_COLUMNS, record_parts, uniform_hash
 from .selection import top_indices
-from .trainer import per_example_loss, response_loss
+from .trainer import head_splits, per_example_loss, response_loss
 
 # column, scorer, higher is better (a keep-score for `select_top`), description
 _SPEC = [
@@ -207,11 +207,8 @@ class IFDScorer:
 
     def _loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
         model = self.model
-        if self._split is None:  # does head(body(x)) give the logits? (as GradFilterTrainer checks)
-            head, body = model.get_output_embeddings(), model.base_model
-            self._split = head is not None and body is not model and torch.allclose(
-                head(body(input_ids=input_ids[:1, :4])[0]).float(),
-                model(input_ids=input_ids[:1, :4]).logits.float(), rtol=1e-3, atol=1e-4)
+        if self._split is None:
+            self._split = head_splits(model)
         if self._split:
             hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
             return response_loss(hidden, model.get_output_embeddings(), labels)

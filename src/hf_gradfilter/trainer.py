@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -71,6 +72,28 @@ def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
 def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
     """Whole columns of a `datasets.Dataset` as numpy arrays (never as lists of Python objects)."""
     return dataset.with_format("numpy", columns=names)[:]
+
+
+def head_splits(lm) -> bool:
+    """Whether ``lm``'s logits are plain ``head(body(x))``, checked on a tiny input in eval mode.
+
+    True for GPT-2, Llama and other plain causal LMs, so `response_loss` may run the head on
+    response positions only; False for models that post-process their logits (soft-capping,
+    scaling), which must take their full forward.
+    """
+    head = lm.get_output_embeddings()
+    if head is None or lm.base_model is lm:
+        return False
+    device = next(lm.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device) % lm.config.get_text_config().vocab_size
+    mask = torch.ones_like(ids)
+    was_training = lm.training
+    lm.eval()  # no dropout: the two forwards must be comparable
+    with torch.no_grad():
+        full = lm(input_ids=ids, attention_mask=mask).logits.float()
+        split = head(lm.base_model(input_ids=ids, attention_mask=mask)[0]).float()
+    lm.train(was_training)
+    return split.shape == full.shape and bool(torch.allclose(split, full, rtol=1e-3, atol=1e-4))
 
 
 class MemberSampler(Sampler[list]):
@@ -395,26 +418,9 @@ class GradFilterTrainer(Trainer):
         return per_example_loss(logits, batch["labels"])
 
     def _split_head(self) -> bool:
-        """Whether ``head(body(x))`` gives the model's logits (checked once on a tiny input).
-
-        True for plain causal LMs (GPT-2, Llama, ...); False for models that post-process their
-        logits (soft-capping, scaling), which then take the full forward.
-        """
+        """Whether the head may run on response positions only (`head_splits`, checked once)."""
         if getattr(self, "_split_head_ok", None) is None:
-            lm = self.accelerator.unwrap_model(self.model).get_base_model()
-            head = lm.get_output_embeddings()
-            ok = head is not None and lm.base_model is not lm
-            if ok:
-                ids = torch.tensor([[1, 2, 3, 4]], device=self.args.device) % lm.config.get_text_config().vocab_size
-                was_training = lm.training
-                lm.eval()  # no dropout: the two forwards must be comparable
-                mask = torch.ones_like(ids)
-                with torch.no_grad():
-                    full = lm(input_ids=ids, attention_mask=mask).logits.float()
-                    split = head(lm.base_model(input_ids=ids, attention_mask=mask)[0]).float()
-                lm.train(was_training)
-                ok = split.shape == full.shape and torch.allclose(split, full, rtol=1e-3, atol=1e-4)
-            self._split_head_ok = bool(ok)
+            self._split_head_ok = head_splits(self.accelerator.unwrap_model(self.model).get_base_model())
         return self._split_head_ok
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -605,9 +611,6 @@ class GradFilterTrainer(Trainer):
 
     def member_loss_table(self) -> np.ndarray:
         """``(M, E)`` mean recorded loss per member and epoch (NaN where nothing was recorded)."""
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return np.nanmean(self.record.losses, axis=0)
+        with warnings.catch_warnings():  # all-NaN slices (nothing recorded) are expected here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(self.record.losses, axis=0)

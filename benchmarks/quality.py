@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GSNRScorer
+from hf_gradfilter import GradFilterConfig, GradFilterTrainer
 from hf_gradfilter.baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
 from hf_gradfilter.demo_data import make_demo_dataset
@@ -79,7 +79,7 @@ def keep_scores(rows, record, ifd) -> dict[str, np.ndarray]:
     """Every keep-score of the benchmark, higher = kept."""
     parts = score_parts(record.norms)
     rec = rows.map(RecordScorer(record), batched=True, with_indices=True)
-    g_s, g_t, v_t = parts["grad_early"], parts["grad_late"], parts["ens_var_late"]
+    g_t, v_t = parts["grad_late"], parts["ens_var_late"]
     rank = lambda x: np.argsort(np.argsort(np.where(np.isfinite(x), x, -np.inf))) / max(len(x) - 1, 1)  # noqa: E731
     return {
         "G-SNR (paper)": parts["gsnr"],
@@ -153,13 +153,13 @@ def run_dataset(name, rows, proxy_dir, tokenizer, args, results):
 
 def downstream(rows, scores, tokenizer, args) -> dict:
     """Fine-tune a tiny Llama (LoRA) for the same steps on each top-10% subset; held-out clean loss curve."""
-    from hf_gradfilter.finetune import finetune, sft_config
+    import torch
+
+    from hf_gradfilter.finetune import finetune, sft_config, to_sft_rows
     from hf_gradfilter.tiny import tiny_llama
 
     held_out = make_demo_dataset(num_rows=300, corruption_rate=0.0, seed=777).select_columns(
         ["instruction", "input", "output"])
-    from hf_gradfilter.finetune import to_sft_rows
-
     eval_rows = to_sft_rows(held_out)
     subsets = {}
     for name in ("G-SNR (paper)", args.variant, "Superfiltering IFD", "random"):
@@ -177,11 +177,7 @@ def downstream(rows, scores, tokenizer, args) -> dict:
                          logging_steps=10, eval_strategy="steps", eval_steps=max(args.target_steps // 6, 1),
                          per_device_eval_batch_size=32, max_length=256, disable_tqdm=True, use_cpu=True,
                          warmup_steps=0.05, seed=0)
-        import torch
-
         torch.manual_seed(0)
-        from trl import SFTTrainer  # noqa: F401  (finetune builds it; eval rows go through the same template)
-
         trainer = finetune(tiny_llama(tokenizer, hidden_size=64), subset, args=cfg, processing_class=tokenizer,
                            eval_dataset=eval_rows)
         hist = trainer.state.log_history

@@ -11,7 +11,6 @@ Every ``GradFilterConfig`` / ``TrainingArguments`` field is a flag of ``score`` 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field

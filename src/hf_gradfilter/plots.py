@@ -19,7 +19,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str, xlabel: s
             ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if sum(bool(points) for points in series.values()) > 1:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -1,0 +1,413 @@
+"""``hf-gradfilter run``: score -> select -> fine-tune -> (push) -> report, one folder per stage.
+
+Layout of ``--output_dir`` (every stage folder holds a ``stage.json``)::
+
+    run_args.json                  the arguments of the last run (``hf-gradfilter report DIR`` reads them)
+    score/                         members, gradient_record.safetensors, scored/, log_history.json
+    select/<column>_top10pct/      the selected rows (save_to_disk) and stats.json
+    select/random_top10pct/        a random subset of the same size (--baseline_random)
+    finetune/<column>_top10pct/    the target's LoRA adapter, loss curves, eval_metrics.json
+    push/                          the Hub commits (--push_dataset_id / --push_adapter_id)
+    report.md, report.html, report/   (`hf_gradfilter.report`)
+
+**Skipping.** A stage's *fingerprint* is a hash of everything that decides its outputs: its own
+settings and the fingerprints of the stages it reads. ``stage.json`` is written with
+``complete: false`` when a stage starts and ``complete: true`` when its outputs are all written;
+a rerun skips a stage whose ``stage.json`` is complete with the same fingerprint. So a rerun after
+a crash redoes only the unfinished stages (a killed scoring run resumes from its last checkpoint,
+``--save_strategy steps``), and a new ``--ratio`` reuses the scoring run and redoes only selection
+and what follows. A stage whose inputs changed starts from an empty folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cli import ScoreArguments
+
+# TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
+_NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
+               "resume_from_checkpoint", "overwrite_output_dir", "dataloader_", "log_level", "eval_", "tqdm",
+               "include_", "torch_compile", "ddp_", "fsdp", "deepspeed", "accelerator_config", "debug")
+
+
+@dataclass
+class RunArguments(ScoreArguments):
+    """The stages after scoring: selection, the target's fine-tuning, evaluation and publishing.
+
+    Every field is a flag of ``hf-gradfilter run`` and a key of its ``--config`` YAML file (TRL's
+    convention), next to every ``GradFilterConfig`` field (the proxy's training).
+    """
+
+    score_column: str = field(default="gsnr", metadata={
+        "help": "Column to select by, higher kept (see `hf-gradfilter select --help`; ifd uses Superfiltering's rule)."})
+    ratio: list[float] = field(default_factory=lambda: [0.1], metadata={
+        "help": "Fractions to keep, e.g. --ratio 0.05 0.10 0.15 (one scoring run, one target per ratio)."})
+    baseline_random: bool = field(default=False, metadata={
+        "help": "Also fine-tune the target on a random subset of the same size (seeded), for comparison."})
+    skip_finetune: bool = field(default=False, metadata={"help": "Stop after selection (and the report)."})
+    target_model: str = field(default="meta-llama/Llama-2-7b-hf", metadata={
+        "help": "Target causal LM to fine-tune on each selection (with --demo: a tiny Llama built offline)."})
+    target_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the target adapter."})
+    target_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the target adapter."})
+    target_lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the target adapter."})
+    target_learning_rate: float | None = field(default=None, metadata={"help": "Target learning rate (2e-4)."})
+    target_num_train_epochs: float | None = field(default=None, metadata={"help": "Target epochs (3)."})
+    target_max_steps: int = field(default=-1, metadata={"help": "Target optimizer steps (overrides epochs if > 0)."})
+    target_per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Target batch (4)."})
+    target_gradient_accumulation_steps: int | None = field(default=None, metadata={
+        "help": "Target gradient accumulation (8)."})
+    target_max_length: int | None = field(default=None, metadata={"help": "Target max tokens per row (1024)."})
+    target_eval_steps: int | None = field(default=None, metadata={
+        "help": "Evaluate the target on --eval_dataset_name every N steps (default: 6 times per run)."})
+    eval_dataset_name: str | None = field(default=None, metadata={
+        "help": "Held-out rows (file, saved dataset or Hub id) for the targets' loss (with --demo: clean demo rows)."})
+    eval_dataset_split: str = field(default="train", metadata={"help": "Split of --eval_dataset_name."})
+    eval_max_rows: int = field(default=300, metadata={"help": "Evaluate the targets on at most this many held-out rows."})
+    push_dataset_id: str | None = field(default=None, metadata={
+        "help": "Publish the scored data and every selection to this Hub dataset repo (namespace/name)."})
+    push_adapter_id: str | None = field(default=None, metadata={
+        "help": "Publish each target adapter to this Hub model repo (one ratio) or to <id>-top10pct ... (several)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repos as private."})
+
+
+DEMO_RUN_DEFAULTS = {
+    "learning_rate": 1e-3, "per_device_train_batch_size": 16, "baseline_random": True, "target_learning_rate": 1e-2,
+    "target_max_steps": 60, "target_per_device_train_batch_size": 8, "target_gradient_accumulation_steps": 1,
+    "target_max_length": 256,
+}
+"""Defaults of ``run --demo`` (a flag or a config key overrides each): the demo proxy's LoRA rate
+(`demo.DEMO_LEARNING_RATE`) and a tiny Llama target trained from scratch for 60 steps."""
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes stage files and runs the stages after scoring."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def fingerprint(inputs: dict) -> str:
+    """A short, stable hash of JSON-able ``inputs`` (keys sorted)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    """One stage's folder and fingerprint; `done` says whether it can be skipped."""
+
+    name: str
+    folder: str
+    inputs: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
+
+    def _state(self) -> dict:
+        try:
+            with open(os.path.join(self.folder, "stage.json")) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def done(self) -> bool:
+        state = self._state()
+        return bool(state.get("complete")) and state.get("fingerprint") == self.fingerprint
+
+    def start(self) -> None:
+        """Mark the stage started; outputs of *other* inputs in its folder are removed first."""
+        state = self._state()
+        if (state and state.get("fingerprint") != self.fingerprint and os.path.isdir(self.folder)
+                and is_main_process()):
+            print(f"[{self.name}] inputs changed since the last run: starting {self.folder} afresh")
+            shutil.rmtree(self.folder)
+        self._write(complete=False)
+
+    def finish(self, **outputs) -> None:
+        self._write(complete=True, **outputs)
+
+    def _write(self, **state) -> None:
+        if not is_main_process():
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, "stage.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"stage": self.name, "fingerprint": self.fingerprint, "inputs": self.inputs,
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state}, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written stage.json
+
+
+def _run_stage(stage: Stage, work, statuses: dict) -> dict:
+    """Skip ``stage`` if done, else run ``work()`` (returns a dict of outputs to record). Returns its state."""
+    if stage.done():
+        print(f"[{stage.name}] up to date, skipped ({stage.folder})")
+        statuses[stage.name] = "skipped"
+        return stage._state()
+    print(f"[{stage.name}] running -> {stage.folder}")
+    stage.start()
+    t0 = time.time()
+    outputs = work() or {}
+    stage.finish(seconds=round(time.time() - t0, 1), **outputs)
+    statuses[stage.name] = "ran"
+    return stage._state()
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_identity(args: RunArguments) -> dict:
+    """What identifies the rows to score: the demo's settings, a local file's content hash, or the Hub id."""
+    if args.demo:
+        return {"demo_rows": args.demo_rows, "demo_pretrain_rows": args.demo_pretrain_rows,
+                "demo_pretrain_epochs": args.demo_pretrain_epochs}
+    name = args.dataset_name
+    if name and os.path.isfile(name):
+        return {"file_sha256": _file_sha256(name)}
+    if name and os.path.isdir(name):
+        state = os.path.join(name, "state.json")
+        if os.path.exists(state):
+            with open(state) as f:
+                return {"saved_fingerprint": json.load(f).get("_fingerprint"), "path": os.path.abspath(name)}
+    return {"dataset": name, "config": args.dataset_config, "split": args.dataset_split}
+
+
+def proxy_inputs(config) -> dict:
+    """The proxy's training settings that decide the record (no logging/saving/output fields)."""
+    return {k: v for k, v in config.to_dict().items() if not k.startswith(_NOT_INPUTS)}
+
+
+def tag(column: str, ratio: float) -> str:
+    return f"{column}_top{round(ratio * 100)}pct"
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def run(args: RunArguments, config) -> dict:
+    """Run every stage that is not up to date; write the report. Returns ``{stage name: 'ran' | 'skipped'}``."""
+    from .report import write_report
+
+    ratios = list(dict.fromkeys(float(r) for r in args.ratio))
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise ValueError(f"ratio={r} is outside (0, 1]; use e.g. --ratio 0.05 0.1 0.15.")
+    if not args.demo and not args.dataset_name:
+        raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
+    if args.demo and args.target_model == RunArguments.target_model:
+        args.target_model = "tiny-llama (demo)"
+    out = os.path.abspath(config.output_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "run_args.json"), "w") as f:
+        json.dump({"run": dataclasses.asdict(args), "proxy": proxy_inputs(config)}, f, indent=1, default=str)
+    statuses: dict[str, str] = {}
+
+    score_stage = Stage("score", os.path.join(out, "score"), {
+        "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
+        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model})
+    _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses)
+    scored_path = os.path.join(score_stage.folder, "scored")
+    if not is_main_process():  # under torchrun / accelerate launch the other ranks only help score
+        return statuses
+
+    selections = {}  # name -> (folder, fingerprint)
+    for ratio in ratios:
+        for column in [args.score_column] + (["random"] if args.baseline_random else []):
+            name = tag(column, ratio)
+            stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
+                "score": score_stage.fingerprint, "column": column, "ratio": ratio,
+                "seed": config.seed if column == "random" else None,
+                "match": args.score_column if column == "random" else None})
+            work = (lambda s=stage, c=column, r=ratio: _select(scored_path, s.folder, c, r, args.score_column,
+                                                               config.seed))
+            _run_stage(stage, work, statuses)
+            selections[name] = (stage.folder, stage.fingerprint)
+
+    targets = {}
+    if not args.skip_finetune:
+        for name, (folder, select_fp) in selections.items():
+            stage = Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
+                "select": select_fp, "target": _target_inputs(args), "seed": config.seed})
+            _run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses)
+            targets[name] = stage.folder
+
+    if args.push_dataset_id or args.push_adapter_id:
+        stage = Stage("push", os.path.join(out, "push"), {
+            "score": score_stage.fingerprint, "selections": {k: v[1] for k, v in selections.items()},
+            "targets": sorted(targets), "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
+            "private": args.hub_private})
+        _run_stage(stage, lambda: _push(args, score_stage.folder, selections, targets), statuses)
+
+    with open(os.path.join(out, "stages.json"), "w") as f:
+        json.dump(statuses, f, indent=1)
+    paths = write_report(out)
+    print("\nStages: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
+    print(f"Report: {paths['html']}  (markdown: {paths['md']})")
+    return statuses
+
+
+def _score(args: RunArguments, config, folder: str) -> dict:
+    from .cli import score
+
+    trainer = score(args, dataclasses.replace(config, output_dir=folder))
+    if not trainer.is_world_process_zero():
+        return {}
+    with open(os.path.join(folder, "log_history.json"), "w") as f:
+        json.dump(trainer.state.log_history, f, indent=1)
+    return {"rows": len(trainer.scored), "data_stats": trainer.data_stats}
+
+
+def _select(scored_path: str, folder: str, column: str, ratio: float, match_column: str, seed: int) -> dict:
+    """Keep the top ``ratio`` by ``column`` (``ifd``: Superfiltering's rule; ``random``: as many rows as the
+    ``match_column`` selection, drawn uniformly). Writes ``data/``, ``positions.npy`` (rows of the scored
+    set, ascending) and ``stats.json``."""
+    from .cli import load_rows
+    from .trainer import _columns
+
+    scored = load_rows(scored_path)
+    n = len(scored)
+    if column == "random":
+        with open(os.path.join(os.path.dirname(folder), tag(match_column, ratio), "stats.json")) as f:
+            k = json.load(f)["num_selected"]
+        positions = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+        stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed}
+    else:
+        from .baselines import superfiltering_select
+        from .selection import select_top
+
+        with_pos = scored.add_column("_position", np.arange(n))
+        if column == "ifd":  # Superfiltering's own rule: drop IFD >= 1, keep the highest
+            selected, stats = superfiltering_select(with_pos, ratio)
+        else:
+            selected, stats = select_top(with_pos, column, fraction=ratio)
+        positions = np.sort(_columns(selected, ["_position"])["_position"])
+    data = os.path.join(folder, "data")
+    scored.select(positions).save_to_disk(data)
+    np.save(os.path.join(folder, "positions.npy"), positions.astype(np.int64))
+    with open(os.path.join(folder, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1, default=float)
+    print(f"Selected {stats['num_selected']} of {n} rows by {column!r} -> {data}")
+    return {"num_selected": stats["num_selected"]}
+
+
+def _target_inputs(args: RunArguments) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+            if f.name.startswith("target_") or f.name.startswith("eval_dataset")}
+
+
+def _sft_overrides(args: RunArguments, config) -> dict:
+    given = {"learning_rate": args.target_learning_rate, "num_train_epochs": args.target_num_train_epochs,
+             "per_device_train_batch_size": args.target_per_device_train_batch_size,
+             "gradient_accumulation_steps": args.target_gradient_accumulation_steps,
+             "max_length": args.target_max_length}
+    steps = args.target_max_steps
+    return {"max_steps": steps, "seed": config.seed, "report_to": config.report_to,
+            "logging_steps": max(1, min(10, steps // 10)) if steps > 0 else 10,
+            "use_cpu": config.use_cpu, "disable_tqdm": config.disable_tqdm,
+            **{k: v for k, v in given.items() if v is not None}}
+
+
+def _target(args: RunArguments, out: str):
+    """The target model and tokenizer: ``--target_model``, or with --demo a tiny Llama saved once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.target_model
+    if args.demo:
+        path = os.path.join(out, "target_init")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            from .demo import demo_proxy
+            from .tiny import tiny_llama
+
+            _, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
+            tiny_llama(tokenizer, hidden_size=64, seed=0).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=args.trust_remote_code, dtype="auto")
+    return model, tokenizer
+
+
+def _eval_rows(args: RunArguments):
+    if args.eval_dataset_name:
+        from .cli import load_rows
+
+        rows = load_rows(args.eval_dataset_name, split=args.eval_dataset_split)
+        return rows.select(range(min(len(rows), args.eval_max_rows)))
+    if args.demo:
+        from .demo_data import make_demo_dataset
+
+        held_out = make_demo_dataset(num_rows=args.eval_max_rows, corruption_rate=0.0, seed=777)  # another seed, clean
+        return held_out.select_columns(["instruction", "input", "output"])
+    return None
+
+
+def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out: str) -> dict:
+    import torch
+
+    from .cli import load_rows
+    from .finetune import default_lora_config, finetune, sft_config
+
+    rows = load_rows(os.path.join(selected_folder, "data"))
+    eval_rows = _eval_rows(args)
+    overrides = _sft_overrides(args, config)
+    if eval_rows is not None:
+        steps = args.target_eval_steps or (max(args.target_max_steps // 6, 1) if args.target_max_steps > 0 else None)
+        overrides.update(eval_strategy="steps" if steps else "epoch", per_device_eval_batch_size=32,
+                         **({"eval_steps": steps} if steps else {}))
+    cfg = sft_config(folder, **overrides)
+    torch.manual_seed(config.seed)
+    model, tokenizer = _target(args, out)
+    keep = [c for c in ("instruction", "input", "output", "prompt", "completion", "messages") if c in rows.column_names]
+    trainer = finetune(model, rows.select_columns(keep), args=cfg, processing_class=tokenizer,
+                       fmt=config.instruction_format, eval_dataset=eval_rows,
+                       peft_config=default_lora_config(args.target_lora_r, args.target_lora_alpha,
+                                                       args.target_lora_dropout))
+    history = trainer.state.log_history
+    with open(os.path.join(folder, "log_history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    metrics = {"train_rows": len(rows), "final_train_loss": next(
+        (h["loss"] for h in reversed(history) if "loss" in h), None)}
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        metrics.update(final_eval_loss=evals[-1], best_eval_loss=min(evals))
+    with open(os.path.join(folder, "eval_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict) -> dict:
+    from . import hub
+    from .cli import load_rows, split_name
+
+    urls = {}
+    if args.push_dataset_id:
+        scored = load_rows(os.path.join(score_folder, "scored"))
+        selected = {split_name(name): load_rows(os.path.join(f, "data"))
+                    for name, (f, _) in selections.items() if not name.startswith("random_")}
+        ratio = min(float(r) for r in args.ratio)
+        settings = hub.selection_settings(score_folder, score_column=args.score_column, ratio=ratio)
+        info = hub.push_dataset_repo(args.push_dataset_id, scored, selected, settings=settings,
+                                     private=args.hub_private, source_dataset=None if args.demo else args.dataset_name)
+        urls[args.push_dataset_id] = str(getattr(info, "commit_url", info))
+    if args.push_adapter_id:
+        mine = {n: f for n, f in targets.items() if not n.startswith("random_")}
+        for name, folder in mine.items():
+            repo = args.push_adapter_id if len(mine) == 1 else f"{args.push_adapter_id}-{name.split('_')[-1]}"
+            info = hub.push_adapter_repo(repo, folder, private=args.hub_private,
+                                         base_model=None if args.demo else args.target_model,
+                                         datasets=[args.push_dataset_id] if args.push_dataset_id else None)
+            urls[repo] = str(getattr(info, "commit_url", info))
+    for repo, url in urls.items():
+        print(f"Pushed {repo}: {url}")
+    return {"commits": urls}

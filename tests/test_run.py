@@ -1,0 +1,167 @@
+"""`hf-gradfilter run` end to end on the embedded default, stage skipping, the report and its warnings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from hf_gradfilter.cli import main
+
+TINY_RUN = {"demo": True, "demo_rows": 80, "demo_pretrain_rows": 200, "demo_pretrain_epochs": 1, "num_members": 2,
+            "lora_r": 4, "max_length": 256, "disable_tqdm": True, "use_cpu": True, "logging_steps": 1,
+            "ratio": [0.25], "target_max_steps": 2, "target_eval_steps": 2, "eval_max_rows": 8}
+
+
+def statuses(out) -> dict:
+    return json.loads((out / "stages.json").read_text())
+
+
+def nonempty_png(path) -> bool:
+    return path.exists() and path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_ratio_needs(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_GRADFILTER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(out)}))
+    assert main(["run", "--config", str(config)]) == 0
+    first = statuses(out)
+    assert first == {"score": "ran", "select/gsnr_top25pct": "ran", "select/random_top25pct": "ran",
+                     "finetune/gsnr_top25pct": "ran", "finetune/random_top25pct": "ran"}
+    assert (out / "score" / "gradient_record.safetensors").exists() and (out / "score" / "member_1").is_dir()
+    assert (out / "score" / "scored" / "dataset_info.json").exists()
+    for name in ("gsnr_top25pct", "random_top25pct"):
+        stats = json.loads((out / "select" / name / "stats.json").read_text())
+        assert stats["num_selected"] == 20 and len(np.load(out / "select" / name / "positions.npy")) == 20
+        target = out / "finetune" / name
+        assert (target / "adapter_model.safetensors").exists() and nonempty_png(target / "loss_curve.png")
+        assert json.loads((target / "eval_metrics.json").read_text())["final_eval_loss"] > 0
+    args = json.loads((out / "run_args.json").read_text())
+    assert args["run"]["demo_rows"] == 80 and args["proxy"]["num_members"] == 2  # the YAML's values were used
+    assert (out / "report.html").exists() and "Selection" in (out / "report.md").read_text()
+    for png in ("scores.png", "drop_vs_variance.png", "proxy_loss.png", "target_loss.png", "target_eval_loss.png"):
+        assert nonempty_png(out / "report" / png), png
+    assert f"Report: {out}/report.html" in capsys.readouterr().out
+
+    mtime = (out / "score" / "stage.json").stat().st_mtime_ns
+    assert main(["run", "--config", str(config)]) == 0
+    assert set(statuses(out).values()) == {"skipped"}
+    assert (out / "score" / "stage.json").stat().st_mtime_ns == mtime
+
+    assert main(["run", "--config", str(config), "--ratio", "0.5"]) == 0  # a flag overrides the file
+    assert statuses(out) == {"score": "skipped", "select/gsnr_top50pct": "ran", "select/random_top50pct": "ran",
+                             "finetune/gsnr_top50pct": "ran", "finetune/random_top50pct": "ran"}
+    assert json.loads((out / "select" / "gsnr_top50pct" / "stats.json").read_text())["num_selected"] == 40
+
+    # a crash inside a stage leaves it incomplete: the next run redoes that stage only
+    state = out / "finetune" / "gsnr_top50pct" / "stage.json"
+    state.write_text(state.read_text().replace('"complete": true', '"complete": false'))
+    assert main(["run", "--config", str(config), "--ratio", "0.5"]) == 0
+    assert [k for k, v in statuses(out).items() if v == "ran"] == ["finetune/gsnr_top50pct"]
+
+    # `report` rebuilds the report from the files alone
+    (out / "report.md").unlink()
+    assert main(["report", "--output_dir", str(out)]) == 0
+    assert "gsnr_top50pct" in (out / "report.md").read_text()
+
+    # publishing is one more stage: the data with every selection, and each target adapter
+    from hf_gradfilter import hub
+
+    pushed = []
+    monkeypatch.setattr(hub, "push_dataset_repo", lambda repo, scored, selected, **kw: pushed.append(
+        (repo, len(scored), {k: len(v) for k, v in selected.items()})) or "https://hf.co/d/commit/1")
+    monkeypatch.setattr(hub, "push_adapter_repo", lambda repo, folder, **kw: pushed.append(
+        (repo, os.path.basename(folder))) or "https://hf.co/m/commit/2")
+    hub_flags = ["--push_dataset_id", "me/data", "--push_adapter_id", "me/target"]
+    assert main(["run", "--config", str(config), "--ratio", "0.25", "0.5", *hub_flags]) == 0
+    assert [k for k, v in statuses(out).items() if v == "ran"] == ["push"]
+    assert pushed[0] == ("me/data", 80, {"top_25pct": 20, "top_50pct": 40})
+    assert sorted(pushed[1:]) == [("me/target-top25pct", "gsnr_top25pct"), ("me/target-top50pct", "gsnr_top50pct")]
+    assert "me/target-top25pct" in (out / "report.md").read_text()
+
+
+def _record(norms, losses):
+    from hf_gradfilter.record import GradientRecord
+
+    n = norms.shape[0]
+    return GradientRecord(norms.astype(np.float32), losses.astype(np.float32), np.arange(n), np.arange(n),
+                          metadata={"record_mode": "train"})
+
+
+def _constructed_cases():
+    rng = np.random.default_rng(0)
+    healthy = rng.uniform(1, 2, size=(50, 3, 2))
+    healthy[:, :, 1] *= 0.5
+    falling = np.stack([np.full((50, 3), 2.0), np.full((50, 3), 1.0)], axis=2)
+    collapsed = healthy.copy()
+    collapsed[:, :, 1] = collapsed[:, :1, 1]
+    return {
+        "rose": (healthy[:, :, ::-1].copy(), falling),
+        "did not fall": (healthy, falling[:, :, ::-1].copy()),
+        "collapsed": (collapsed, falling),
+        "near zero": (np.full((50, 3, 2), 1e-9), falling),
+    }
+
+
+def _constructed_run(folder, norms, losses):
+    """A run folder holding only a finished scoring stage, built from arrays."""
+    from datasets import Dataset
+
+    from hf_gradfilter.scorer import score_dataset
+
+    record = _record(norms, losses)
+    (folder / "score").mkdir(exist_ok=True)
+    record.save(str(folder / "score" / "gradient_record.safetensors"))
+    n = len(norms)
+    rows = Dataset.from_dict({"instruction": [f"q{i}" for i in range(n)], "output": [f"a{i}" for i in range(n)],
+                              "is_corrupted": [i % 5 == 0 for i in range(n)]})
+    score_dataset(rows, record).save_to_disk(str(folder / "score" / "scored"))
+    (folder / "run_args.json").write_text(json.dumps({"run": {"score_column": "gsnr"},
+                                                      "proxy": {"early_epoch": 1, "late_epoch": 2}}))
+    return folder
+
+
+@pytest.mark.parametrize("signature", list(_constructed_cases()))
+def test_report_shows_each_failure_signature_of_a_constructed_run(tmp_path, signature):
+    from hf_gradfilter.report import write_report
+
+    _constructed_run(tmp_path, *_constructed_cases()[signature])
+    paths = write_report(str(tmp_path))
+    md, page = open(paths["md"]).read(), open(paths["html"]).read()
+    assert signature in md.split("## Warnings")[1].split("## Scores")[0]
+    assert '<div class="warn"><b>Warning:</b> ' in page and signature in page
+    healthy = _constructed_cases()["did not fall"][0]
+    _constructed_run(tmp_path, healthy, _constructed_cases()["rose"][1])
+    assert "None of the failure signatures" in open(write_report(str(tmp_path))["md"]).read()
+
+
+def test_report_of_a_folder_that_is_not_a_run_gets_a_one_line_error(tmp_path, capsys):
+    assert main(["report", "--output_dir", str(tmp_path)]) == 2
+    assert "not a `hf-gradfilter run` output dir" in capsys.readouterr().err
+
+
+def test_run_config_file_that_is_not_a_mapping_gets_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "must be a YAML mapping" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium is not installed (apt-get install chromium)")
+def test_report_html_renders_in_headless_chromium(tmp_path):
+    """scripts/report_screenshot.sh opens a report in headless Chromium and saves a screenshot."""
+    from hf_gradfilter.report import write_report
+
+    page = write_report(str(_constructed_run(tmp_path, *_constructed_cases()["rose"])))["html"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(["bash", "scripts/report_screenshot.sh", page, str(shot)], check=True, timeout=120,
+                   cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert nonempty_png(shot)

@@ -62,6 +62,16 @@ class SelectArguments:
         metadata={"help": "Where to write the selection: a folder (save_to_disk) or a .jsonl/.json/.parquet file. "
                           "Default: next to the scored data, named after the column and ratio."},
     )
+    group_column: str | None = field(default=None, metadata={
+        "help": "Column naming each row's group in a mixture (e.g. task or source): print what each group kept "
+                "and allow --group_mode per_group / quota."})
+    group_mode: str = field(default="global", metadata={
+        "help": "global: the top --ratio overall; per_group: the top --ratio of every group (round(ratio * n_g), "
+                "at least 1; --top_k: k rows per group); quota: the --quota of each group.",
+        "choices": ["global", "per_group", "quota"]})
+    quota: list[str] = field(default_factory=list, metadata={
+        "help": "With --group_mode quota: GROUP=N (rows) or GROUP=0.25 (a fraction, with a decimal point), one per "
+                "group; groups without a quota follow --ratio / --top_k per group, or keep nothing."})
 
 
 @dataclass
@@ -104,6 +114,8 @@ class PushArguments:
     selected: list[str] = field(default_factory=list, metadata={
         "help": "dataset: selected splits written by `select` (split name from the folder: top_10pct, ...)."})
     score_column: str = field(default="gsnr", metadata={"help": "dataset: the column the selection used."})
+    group_column: str | None = field(default=None, metadata={
+        "help": "dataset: the --group_column of `select` (task, source...): the card shows what each group kept."})
     base_model: str | None = field(default=None, metadata={"help": "adapter: the target's Hub id."})
     datasets: list[str] = field(default_factory=list, metadata={"help": "Hub dataset ids for the card metadata."})
     license: str | None = field(default=None, metadata={"help": "License for the card metadata (e.g. apache-2.0)."})
@@ -131,7 +143,8 @@ def push(args: PushArguments):
         scored = load_rows(os.path.join(args.path, "scored"))
         selected = {split_name(p): load_rows(p) for p in args.selected}
         ratio = len(next(iter(selected.values()))) / len(scored)
-        settings = hub.selection_settings(args.path, score_column=args.score_column, ratio=round(ratio, 4))
+        settings = hub.selection_settings(args.path, score_column=args.score_column, ratio=round(ratio, 4),
+                                          group_column=args.group_column)
         info = hub.push_dataset_repo(args.repo_id, scored, selected, settings=settings,
                                      source_dataset=(args.datasets or [None])[0], **common)
     elif args.what == "proxy":
@@ -365,27 +378,64 @@ def _print_score_summary(trainer) -> None:
     print(f"Scored dataset:          {trainer.scored_path}")
 
 
-def select(args: SelectArguments):
-    from .selection import select_top
+def parse_quotas(items: list[str]) -> dict[str, int | float]:
+    """``["code=500", "math=0.2"]`` -> ``{"code": 500, "math": 0.2}``: an integer is a row count, a number with a
+    decimal point (or an exponent) a fraction of the group."""
+    quotas = {}
+    for item in items:
+        group, sep, value = item.rpartition("=")
+        try:
+            if not (sep and group):
+                raise ValueError
+            quotas[group] = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ValueError(f"Bad quota {item!r}: write GROUP=N (a row count, e.g. code=500) or GROUP=FRACTION "
+                             "(e.g. math=0.2).") from None
+    return quotas
 
-    if args.ratio is None and args.top_k is None:
+
+def select(args: SelectArguments):
+    from .selection import format_group_table, select_top
+
+    quotas = parse_quotas(args.quota)
+    if quotas and args.group_mode != "quota":
+        raise ValueError(f"--quota is used with --group_mode quota (got --group_mode {args.group_mode}).")
+    if args.group_mode != "global" and args.group_column is None:
+        raise ValueError(f"--group_mode {args.group_mode} needs --group_column (e.g. task or source).")
+    if args.ratio is None and args.top_k is None and args.group_mode != "quota":
         args.ratio = 0.1
     if args.ratio is not None and args.top_k is not None:
         raise ValueError("Pass either --ratio or --top_k, not both.")
     scored = load_rows(args.scored)
-    if args.score_column == "ifd":  # Superfiltering's own rule: drop IFD >= 1, keep the highest
+    group = {"group_column": args.group_column, "group_mode": args.group_mode, "quotas": quotas or None}
+    if args.score_column == "ifd" and args.group_column is None:  # Superfiltering: drop IFD >= 1, keep the highest
         from .baselines import superfiltering_select
 
         if args.top_k is not None:
             raise ValueError("--score_column ifd selects by --ratio (Superfiltering's rule), not --top_k.")
         selected, stats = superfiltering_select(scored, args.ratio)
+    elif args.score_column == "ifd":  # Superfiltering's rule within groups: rows with IFD >= 1 are never kept
+        if "ifd" not in scored.column_names:
+            raise ValueError(f"Column 'ifd' is not in {args.scored} (columns: {scored.column_names}); score it "
+                             "with `hf-gradfilter score --extra_scores ifd` first.")
+        ifd = np.asarray(scored["ifd"], dtype=np.float64)
+        masked = scored.add_column("ifd_below_1", np.where(ifd >= 1, np.nan, ifd).tolist())
+        selected, stats = select_top(masked, "ifd_below_1", fraction=args.ratio, k=args.top_k, **group)
+        selected, stats = selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}
     else:
-        selected, stats = select_top(scored, args.score_column, fraction=args.ratio, k=args.top_k)
-    tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
+        selected, stats = select_top(scored, args.score_column, fraction=args.ratio, k=args.top_k, **group)
+    if args.group_mode == "quota":
+        tag = f"quota_{args.group_column}_top{stats['num_selected']}"
+    else:
+        tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
+        tag = f"per_{args.group_column}_{tag}" if args.group_mode == "per_group" else tag
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)), f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
     print(f"Selected {stats['num_selected']} of {stats['num_rows']} rows by {args.score_column!r} "
           f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")
+    if args.group_column is not None:
+        print(f"Rows kept per {args.group_column!r} ({args.group_mode}):")
+        print(format_group_table(stats["groups"], args.group_column))
     return selected, stats, output
 
 
@@ -440,7 +490,8 @@ def demo(args: DemoArguments, config: GradFilterConfig):
 COMMANDS = {
     "score": ("Train the proxy ensemble on a dataset, record per-example gradient norms, write G-SNR columns.",
               (ScoreArguments, GradFilterConfig)),
-    "select": ("Keep the top fraction (or top k) of a scored dataset by a score column.", (SelectArguments,)),
+    "select": ("Keep the top fraction (or top k) of a scored dataset by a score column, globally or per group.",
+               (SelectArguments,)),
     "finetune": ("Fine-tune a target model (LoRA, TRL SFTTrainer) on a selected split.",
                  (FinetuneArguments, "SFTConfig")),
     "judge": ("Compare two fine-tuned targets with a pairwise LLM judge on instruction prompt sets.",

@@ -47,7 +47,7 @@ SETTING_LABELS = {
     "early_epoch": "Early epoch s", "late_epoch": "Late epoch t", "record_mode": "Record mode",
     "learning_rate": "Proxy learning rate", "lora_r": "Proxy LoRA rank", "max_length": "Max length",
     "seed": "Seed", "score_column": "Score column", "ratio": "Selection ratio", "top_k": "Selected rows (k)",
-    "eps": "eps",
+    "eps": "eps", "group_column": "Group column", "group_mode": "Group mode", "quotas": "Quotas",
 }
 VERSIONED = ["hf-gradfilter", "transformers", "peft", "trl", "datasets", "torch", "huggingface_hub"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -253,9 +253,15 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     whose ``configs`` make ``load_dataset(folder)`` (or the repo) return exactly those splits.
 
     ``settings`` fills the selection table (see `selection_settings`); its ``score_column``
-    (default ``gsnr``) must be a column of ``scored``. Returns the folder path.
+    (default ``gsnr``) must be a column of ``scored``. With a ``group_column`` in ``settings`` (a
+    per-group selection, `selection.select_top`), the card also shows the rows each group kept in
+    every split (`selection.group_counts`). Returns the folder path.
     """
     score_column = (settings or {}).get("score_column") or "gsnr"
+    group_column = (settings or {}).get("group_column")
+    if group_column is not None and group_column not in scored.column_names:
+        raise ValueError(f"Group column {group_column!r} is not in the scored dataset (columns: "
+                         f"{scored.column_names}); drop it from settings or pass the column the selection used.")
     if not selected:
         raise ValueError("Pass at least one selected split, e.g. selected={'top_10pct': top10}.")
     if score_column not in scored.column_names:
@@ -294,8 +300,20 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     title = f"{source_dataset} — G-SNR scored and selected" if source_dataset else "G-SNR scored and selected data"
     _write_card(folder, DatasetCard, data, "dataset_card.md", title=title, source_dataset=source_dataset,
                 splits=table, settings=_settings_rows({**(settings or {}), "score_column": score_column}), stats=stats,
-                plot=plot, score_column=score_column, first_split=first, repo_id=repo_id or PLACEHOLDER_REPO)
+                plot=plot, score_column=score_column, first_split=first, repo_id=repo_id or PLACEHOLDER_REPO,
+                group_column=group_column, groups=_group_rows(scored, selected, group_column) if group_column else None)
     return str(folder)
+
+
+def _group_rows(scored, selected: dict, group_column: str) -> list[dict]:
+    """Per group: its rows in ``scored`` and, per selected split, ``"kept (share of the group)"``."""
+    from .selection import group_counts
+
+    tables = {name: group_counts(scored[group_column], split[group_column]) for name, split in selected.items()}
+    first = next(iter(tables.values()))
+    return [{"group": _fmt(row["group"]), "rows": row["rows"],
+             "kept": [f"{t[i]['kept']} ({t[i]['share']:.1%})" for t in tables.values()]}
+            for i, row in enumerate(first)]
 
 
 def _check_adapter(path: Path) -> dict:

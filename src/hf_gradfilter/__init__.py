@@ -9,7 +9,8 @@ from .norms import LoraNormRecorder, sq_norms
 from .record import GradientRecord
 from .scorer import GSNRScorer, score_dataset
 from .scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
-from .selection import select_top, top_indices
+from .selection import group_counts, select_top, top_indices, top_indices_by_group
+from .sweep import sweep_record
 from .trainer import GradFilterTrainer, build_ensemble, per_example_loss
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "GradFilterTrainer",
     "GradientRecord",
     "GSNRScorer",
+    "group_counts",
     "InstructionFormat",
     "LoraNormRecorder",
     "build_ensemble",
@@ -41,7 +43,9 @@ __all__ = [
     "score_dataset",
     "score_parts",
     "select_top",
+    "sweep_record",
     "sq_norms",
     "tokenize_dataset",
     "top_indices",
+    "top_indices_by_group",
 ]

@@ -439,6 +439,94 @@ def select(args: SelectArguments):
     return selected, stats, output
 
 
+@dataclass
+class SweepArguments:
+    """Which record to re-score, on which grid of (s, t, M'), and against which labels."""
+
+    record: str | None = field(default=None, metadata={
+        "help": "The gradient record: a `score` output dir or a gradient_record.safetensors file."})
+    scored: str | None = field(default=None, metadata={
+        "help": "Scored dataset holding --label_column (default: the record dir's scored/ folder)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Boolean column, True = a bad row (e.g. is_corrupted): adds the AUROC of each setting."})
+    score: list[str] = field(default_factory=lambda: ["gsnr"], metadata={
+        "help": "Scores to sweep: gsnr, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, neg_loss_late..."})
+    epochs: list[int] = field(default_factory=list, metadata={
+        "help": "Epochs to pair as (s, t), s < t (default: every recorded epoch)."})
+    members: list[int] = field(default_factory=list, metadata={
+        "help": "Sub-ensemble sizes M' (default: 2..M). All subsets of a size when at most --max_subsets, else a "
+                "seeded sample of --max_subsets."})
+    max_subsets: int = field(default=10, metadata={"help": "Most member subsets per size M'."})
+    subset_seed: int = field(default=0, metadata={"help": "Seed of the member-subset sample."})
+    reference_epochs: list[int] = field(default_factory=lambda: [1, 2], metadata={
+        "help": "The reference (s, t), with all members, that every setting is rank-correlated with."})
+    demo: bool = field(default=False, metadata={
+        "help": "Train the demo proxy ensemble on the embedded demo dataset first (into --output_dir; 4 epochs "
+                "unless --num_train_epochs), then sweep its record with labels from is_corrupted."})
+    demo_rows: int = field(default=3000, metadata={"help": "Rows of the demo dataset."})
+    demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
+    demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
+
+
+def _labels(scored, column: str, record) -> np.ndarray:
+    """The boolean ``column`` of ``scored`` in the record's row order."""
+    if column not in scored.column_names:
+        raise ValueError(f"Label column {column!r} is not in the scored dataset (columns: {scored.column_names}).")
+    values = np.asarray(scored[column])
+    if values.dtype != bool and not (values.dtype.kind in "iu" and set(np.unique(values)) <= {0, 1}):
+        raise ValueError(f"Label column {column!r} must be boolean (True = a bad row), got {values.dtype} values "
+                         f"such as {values[:3].tolist()}.")
+    if len(values) != record.num_examples:
+        raise ValueError(f"The scored dataset has {len(values)} rows but the record {record.num_examples}: pass the "
+                         "dataset this record was scored on.")
+    return values.astype(bool)[record.example_id]
+
+
+def sweep_command(args: SweepArguments, config: GradFilterConfig):
+    """Re-score the record on a grid of (s, t, M'); print, and write sweep.csv / sweep.json / sweep_<score>.png."""
+    import time
+
+    from .record import GradientRecord
+    from .sweep import format_pair_matrix, format_table, sweep_record
+
+    if len(args.reference_epochs) != 2:
+        raise ValueError(f"--reference_epochs takes two epochs, s and t (got {args.reference_epochs}).")
+    label_column, scored = args.label_column, None
+    if args.demo:
+        if args.record:
+            raise ValueError("Pass either --record (an existing run) or --demo (train the demo ensemble), not both.")
+        trainer = score(ScoreArguments(demo=True, demo_rows=args.demo_rows, demo_pretrain_rows=args.demo_pretrain_rows,
+                                       demo_pretrain_epochs=args.demo_pretrain_epochs), config)
+        record, scored, label_column = trainer.record, trainer.scored, label_column or "is_corrupted"
+    else:
+        if not args.record:
+            raise ValueError("Pass --record (a `score` output dir or its gradient_record.safetensors), or --demo.")
+        record = GradientRecord.load(args.record)
+        if label_column:
+            where = args.scored or os.path.join(args.record if os.path.isdir(args.record)
+                                                else os.path.dirname(args.record), "scored")
+            if not os.path.exists(where):
+                raise FileNotFoundError(f"No scored dataset at {where} for --label_column; pass --scored.")
+            scored = load_rows(where)
+    labels = _labels(scored, label_column, record) if label_column else None
+    start = time.perf_counter()
+    result = sweep_record(record, config.output_dir, labels=labels, scores=tuple(args.score), epochs=args.epochs or None,
+                          member_counts=args.members or None, max_subsets=args.max_subsets, seed=args.subset_seed,
+                          reference=tuple(args.reference_epochs), label_column=label_column)
+    s0, t0 = args.reference_epochs
+    print(f"\nSweep of {record.num_examples} rows, {record.num_members} members, {record.num_epochs} epochs: "
+          f"{len(result['rows'])} (score, setting) pairs in {time.perf_counter() - start:.1f} s")
+    print(f"Spearman with the reference (s={s0}, t={t0}, all {record.num_members} members), mean [min] over the "
+          "member subsets of each size M'" + (f"; AUROC of each score as a keep-score against {label_column!r}"
+                                              if labels is not None else ""))
+    print(format_table(result["summary"]))
+    for name, matrix in result["pair_spearman"].items():
+        print(f"\nSpearman of {name} between epoch pairs (s-t), all members:")
+        print(format_pair_matrix(matrix, result["pairs"]))
+    print(f"\nWrote {', '.join(result['paths'].values())}")
+    return result
+
+
 def finetune_command(args: FinetuneArguments, config):
     """Fine-tune the target on a selected split with TRL's SFTTrainer + LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -492,6 +580,8 @@ COMMANDS = {
               (ScoreArguments, GradFilterConfig)),
     "select": ("Keep the top fraction (or top k) of a scored dataset by a score column, globally or per group.",
                (SelectArguments,)),
+    "sweep": ("Re-score a record for a grid of (s, t, M'): rank correlations and detection AUROC, no training.",
+              (SweepArguments, GradFilterConfig)),
     "finetune": ("Fine-tune a target model (LoRA, TRL SFTTrainer) on a selected split.",
                  (FinetuneArguments, "SFTConfig")),
     "judge": ("Compare two fine-tuned targets with a pairwise LLM judge on instruction prompt sets.",
@@ -528,8 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if GradFilterConfig in types:
             if "--output_dir" not in rest:
-                rest += ["--output_dir", "demo_out" if command == "demo" else "gradfilter_output"]
-            if command == "demo":
+                rest += ["--output_dir", {"demo": "demo_out", "sweep": "sweep_output"}.get(command, "gradfilter_output")]
+            if command == "sweep" and "--demo" in rest and "--num_train_epochs" not in rest:
+                rest += ["--num_train_epochs", "4"]
+            if command == "demo" or (command == "sweep" and "--demo" in rest):
                 from .demo import DEMO_LEARNING_RATE
 
                 for flag, value in (("--learning_rate", DEMO_LEARNING_RATE), ("--per_device_train_batch_size", 16)):
@@ -542,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in rest if a.startswith("--")}
             rest += [x for k, v in defaults.items() if k not in given for x in (f"--{k}", str(v))]
         parsed = parser.parse_args_into_dataclasses(rest)
-        {"score": score, "select": select, "finetune": finetune_command, "judge": judge_command, "push": push,
+        {"score": score, "select": select, "sweep": sweep_command, "finetune": finetune_command,
+         "judge": judge_command, "push": push,
          "demo": demo}[command](*parsed)
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)

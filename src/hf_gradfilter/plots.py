@@ -1,4 +1,4 @@
-"""Small matplotlib figures (Agg backend, PNG files): loss curves and score histograms."""
+"""Small matplotlib figures (Agg backend, PNG files): loss curves, score histograms and heatmaps."""
 
 from __future__ import annotations
 
@@ -38,6 +38,31 @@ def histogram(values, path: str, cut: float | None = None, xlabel: str = "score"
         ax.axvline(cut, color="#C44E52", linestyle="--", label="selection cut")
         ax.legend()
     ax.set(xlabel=xlabel, ylabel="rows", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def heatmaps(panels: list[tuple], path: str) -> str:
+    """Annotated heatmaps side by side, one per ``(matrix, row_labels, column_labels, title[, (vmin, vmax)])``
+    panel (default range -1..1, for correlations); NaN cells are left blank."""
+    widths = [max(3.0, 0.7 * len(p[2]) + 2.0) for p in panels]
+    height = max(3.0, 0.45 * max(len(p[1]) for p in panels) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), height), dpi=100,
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, (matrix, rows, cols, title, *limits) in zip(axes[0], panels):
+        vmin, vmax = limits[0] if limits else (-1.0, 1.0)
+        matrix = np.asarray(matrix, dtype=float)
+        image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=45 if len(cols) > 4 else 0)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_title(title, fontsize=8)
+        for (i, j), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < (vmin + vmax) / 2 else "black")
+        fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -69,7 +69,7 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
 
     # `report` rebuilds the report from the files alone
     (out / "report.md").unlink()
-    assert main(["report", "--output_dir", str(out)]) == 0
+    assert main(["report", str(out)]) == 0
     assert "gsnr_top50pct" in (out / "report.md").read_text()
 
     # publishing is one more stage: the data with every selection, and each target adapter
@@ -165,3 +165,18 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
     subprocess.run(["bash", "scripts/report_screenshot.sh", page, str(shot)], check=True, timeout=120,
                    cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert nonempty_png(shot)
+
+
+@pytest.mark.parametrize("name", ["run_demo.yaml", "run_alpaca_gpt2_llama2.yaml"])
+def test_example_run_configs_parse_into_the_run_arguments(name):
+    from hf_gradfilter.cli import _parse_run
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", name)
+    args, config = _parse_run(["--config", path, "--seed", "3"])
+    with open(path) as f:
+        keys = yaml.safe_load(f)
+    assert args.ratio == keys["ratio"] and config.seed == 3 and config.output_dir == keys["output_dir"]
+    if keys.get("demo"):  # the demo defaults apply under the file
+        assert config.learning_rate == 1e-3 and args.target_max_steps == 60
+    else:
+        assert config.learning_rate == keys["learning_rate"] and args.target_model == keys["target_model"]

@@ -575,6 +575,21 @@ def demo(args: DemoArguments, config: GradFilterConfig):
     return trainer, selected
 
 
+@dataclass
+class ReportArguments:
+    """Which run to report on."""
+
+    output_dir: str = field(metadata={"help": "The --output_dir of `hf-gradfilter run`."})
+
+
+def report_command(args: ReportArguments):
+    from .report import write_report
+
+    paths = write_report(args.output_dir)
+    print(f"Report: {paths['html']}  (markdown: {paths['md']})")
+    return paths
+
+
 COMMANDS = {
     "score": ("Train the proxy ensemble on a dataset, record per-example gradient norms, write G-SNR columns.",
               (ScoreArguments, GradFilterConfig)),
@@ -590,7 +605,36 @@ COMMANDS = {
              (PushArguments,)),
     "demo": ("Run score + select on the embedded demo dataset with a tiny proxy (offline, a few minutes on CPU).",
              (DemoArguments, GradFilterConfig)),
+    "run": ("score -> select -> fine-tune -> (push) -> report in one command, from flags or --config run.yaml; "
+            "finished stages are skipped.", ("RunArguments", GradFilterConfig)),
+    "report": ("Rebuild report.md / report.html of a `run` output dir.", (ReportArguments,)),
 }
+
+
+def _parse_run(rest: list[str]):
+    """`run`'s arguments: TRL's `TrlParser` (``--config run.yaml``; flags override the file), and the
+    ``--demo`` defaults (`pipeline.DEMO_RUN_DEFAULTS`) under both."""
+    import yaml
+    from trl import TrlParser
+
+    from .pipeline import DEMO_RUN_DEFAULTS, RunArguments
+
+    parser = TrlParser((RunArguments, GradFilterConfig), prog="hf-gradfilter run", description=COMMANDS["run"][0])
+    from_file = {}
+    if "--config" in rest[:-1]:
+        path = rest[rest.index("--config") + 1]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No config file {path!r} (--config takes a YAML file of run flags).")
+        with open(path) as f:
+            from_file = yaml.safe_load(f) or {}
+        if not isinstance(from_file, dict):
+            raise ValueError(f"Config file {path!r} must be a YAML mapping of flag names to values.")
+    demo_flag = "--demo" in rest and rest[rest.index("--demo") + 1:][:1] not in (["false"], ["False"])
+    defaults = {"output_dir": "gradfilter_run"}
+    if demo_flag or from_file.get("demo"):
+        defaults.update(DEMO_RUN_DEFAULTS)
+    parser.set_defaults_with_config(**defaults)
+    return parser.parse_args_and_config(rest)
 
 
 def _usage() -> str:
@@ -610,6 +654,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-gradfilter: error: unknown command {command!r}", file=sys.stderr)
         return 2
     help_, types = COMMANDS[command]
+    if command == "report" and rest and not rest[0].startswith("-"):  # `hf-gradfilter report DIR`
+        rest = ["--output_dir", *rest]
+    if command == "run":
+        if "-h" in rest or "--help" in rest:
+            from .pipeline import RunArguments
+
+            types = (RunArguments, GradFilterConfig)
+        else:
+            try:
+                from .pipeline import run
+
+                run(*_parse_run(rest))
+            except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
+                print(f"hf-gradfilter run: error: {err}", file=sys.stderr)
+                return 2
+            return 0
     if "SFTConfig" in types:
         from trl import SFTConfig
 
@@ -636,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parser.parse_args_into_dataclasses(rest)
         {"score": score, "select": select, "sweep": sweep_command, "finetune": finetune_command,
          "judge": judge_command, "push": push,
-         "demo": demo}[command](*parsed)
+         "demo": demo, "report": report_command}[command](*parsed)
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)
         return 2

@@ -200,7 +200,8 @@ def run(args: RunArguments, config) -> dict:
     """Run every stage that is not up to date; write the report. Returns ``{stage name: 'ran' | 'skipped'}``."""
     from .report import write_report
 
-    ratios = list(dict.fromkeys(float(r) for r in args.ratio))
+    ratios = args.ratio if isinstance(args.ratio, (list, tuple)) else [args.ratio]  # `ratio: 0.1` in a YAML file
+    ratios = list(dict.fromkeys(float(r) for r in ratios))
     for r in ratios:
         if not 0 < r <= 1:
             raise ValueError(f"ratio={r} is outside (0, 1]; use e.g. --ratio 0.05 0.1 0.15.")

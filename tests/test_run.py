@@ -180,3 +180,19 @@ def test_example_run_configs_parse_into_the_run_arguments(name):
         assert config.learning_rate == 1e-3 and args.target_max_steps == 60
     else:
         assert config.learning_rate == keys["learning_rate"] and args.target_model == keys["target_model"]
+
+
+def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_a_random_subset_of_the_same_size(tmp_path):
+    from datasets import Dataset
+
+    from hf_gradfilter.pipeline import RunArguments, _select
+
+    groups = ["big"] * 90 + ["mid"] * 8 + ["small"] * 2  # a dominant group
+    scored = Dataset.from_dict({"gsnr": np.linspace(1, 0, 100).tolist(), "task": groups})
+    scored.save_to_disk(str(tmp_path / "scored"))
+    args = RunArguments(demo=True, group_column="task", group_mode="per_group", score_column="gsnr")
+    for column in ("gsnr", "random"):
+        _select(str(tmp_path / "scored"), str(tmp_path / f"{column}_top10pct"), column, 0.1, args, seed=0)
+    kept = np.load(tmp_path / "gsnr_top10pct" / "positions.npy")
+    assert kept.tolist() == list(range(9)) + [90] + [98]  # round(0.1 * n_g), at least 1, per group
+    assert len(np.load(tmp_path / "random_top10pct" / "positions.npy")) == 11

@@ -51,6 +51,11 @@ class RunArguments(ScoreArguments):
         "help": "Column to select by, higher kept (see `hf-gradfilter select --help`; ifd uses Superfiltering's rule)."})
     ratio: list[float] = field(default_factory=lambda: [0.1], metadata={
         "help": "Fractions to keep, e.g. --ratio 0.05 0.10 0.15 (one scoring run, one target per ratio)."})
+    group_column: str | None = field(default=None, metadata={
+        "help": "Column naming each row's task or source in a mixture: with --group_mode per_group, the top --ratio "
+                "of every group is kept (round(ratio * n_g), at least 1) instead of the top --ratio overall."})
+    group_mode: str = field(default="global", metadata={"help": "global or per_group (see `select --help`).",
+                                                        "choices": ["global", "per_group"]})
     baseline_random: bool = field(default=False, metadata={
         "help": "Also fine-tune the target on a random subset of the same size (seeded), for comparison."})
     skip_finetune: bool = field(default=False, metadata={"help": "Stop after selection (and the report)."})
@@ -229,10 +234,10 @@ def run(args: RunArguments, config) -> dict:
             name = tag(column, ratio)
             stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
+                "group": [args.group_column, args.group_mode] if column != "random" else None,
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
-            work = (lambda s=stage, c=column, r=ratio: _select(scored_path, s.folder, c, r, args.score_column,
-                                                               config.seed))
+            work = (lambda s=stage, c=column, r=ratio: _select(scored_path, s.folder, c, r, args, config.seed))
             _run_stage(stage, work, statuses)
             selections[name] = (stage.folder, stage.fingerprint)
 
@@ -270,9 +275,9 @@ def _score(args: RunArguments, config, folder: str) -> dict:
     return {"rows": len(trainer.scored), "data_stats": trainer.data_stats}
 
 
-def _select(scored_path: str, folder: str, column: str, ratio: float, match_column: str, seed: int) -> dict:
+def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
     """Keep the top ``ratio`` by ``column`` (``ifd``: Superfiltering's rule; ``random``: as many rows as the
-    ``match_column`` selection, drawn uniformly). Writes ``data/``, ``positions.npy`` (rows of the scored
+    ``args.score_column`` selection, drawn uniformly; ``args.group_column``: per group). Writes ``data/``, ``positions.npy`` (rows of the scored
     set, ascending) and ``stats.json``."""
     from .cli import load_rows
     from .trainer import _columns
@@ -280,7 +285,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, match_colu
     scored = load_rows(scored_path)
     n = len(scored)
     if column == "random":
-        with open(os.path.join(os.path.dirname(folder), tag(match_column, ratio), "stats.json")) as f:
+        with open(os.path.join(os.path.dirname(folder), tag(args.score_column, ratio), "stats.json")) as f:
             k = json.load(f)["num_selected"]
         positions = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
         stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed}
@@ -289,10 +294,14 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, match_colu
         from .selection import select_top
 
         with_pos = scored.add_column("_position", np.arange(n))
-        if column == "ifd":  # Superfiltering's own rule: drop IFD >= 1, keep the highest
+        if column == "ifd" and args.group_column is None:  # Superfiltering's rule: drop IFD >= 1, keep the highest
             selected, stats = superfiltering_select(with_pos, ratio)
         else:
-            selected, stats = select_top(with_pos, column, fraction=ratio)
+            if column == "ifd":  # per group, rows with IFD >= 1 are never kept either
+                ifd = np.asarray(_columns(with_pos, ["ifd"])["ifd"], dtype=np.float64)
+                with_pos, column = with_pos.add_column("ifd_below_1", np.where(ifd >= 1, np.nan, ifd)), "ifd_below_1"
+            selected, stats = select_top(with_pos, column, fraction=ratio, group_column=args.group_column,
+                                         group_mode=args.group_mode)
         positions = np.sort(_columns(selected, ["_position"])["_position"])
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)
@@ -300,6 +309,10 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, match_colu
     with open(os.path.join(folder, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1, default=float)
     print(f"Selected {stats['num_selected']} of {n} rows by {column!r} -> {data}")
+    if stats.get("groups"):
+        from .selection import format_group_table
+
+        print(format_group_table(stats["groups"], args.group_column))
     return {"num_selected": stats["num_selected"]}
 
 

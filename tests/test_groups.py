@@ -10,7 +10,13 @@ from huggingface_hub import DatasetCard
 
 from hf_gradfilter import hub
 from hf_gradfilter.cli import main, parse_quotas
-from hf_gradfilter.selection import format_group_table, group_counts, select_top, top_indices, top_indices_by_group
+from hf_gradfilter.selection import (
+    format_group_table,
+    group_counts,
+    select_top,
+    top_indices,
+    top_indices_by_group,
+)
 
 SIZES = {"chat": 900, "code": 80, "math": 20}
 
@@ -71,7 +77,7 @@ def test_per_group_with_k_keeps_k_rows_of_every_group_or_all_of_a_smaller_one(mi
 
 def test_quota_mode_keeps_counts_and_fractions_and_the_default_for_other_groups(mixture):
     scores, groups = mixture
-    chosen, stats = top_indices_by_group(scores, groups, mode="quota", quotas={"chat": 50, "code": 0.5})
+    chosen, _ = top_indices_by_group(scores, groups, mode="quota", quotas={"chat": 50, "code": 0.5})
     assert kept(groups, chosen) == {"chat": 50, "code": 40, "math": 0}
     chosen, _ = top_indices_by_group(scores, groups, fraction=0.1, mode="quota", quotas={"chat": 0, "math": 20})
     assert kept(groups, chosen) == {"chat": 0, "code": 8, "math": 20}
@@ -197,8 +203,8 @@ def test_dataset_card_shows_what_each_group_kept(mixture, tmp_path):
     hub.build_dataset_repo(tmp_path / "repo", data, {"top_10pct": per_group, "global_10pct": overall},
                            settings=settings)
     card = DatasetCard.load(tmp_path / "repo" / "README.md").text
-    for text in ("## Rows kept per `task`", "| `task` | rows in `scored` | kept in `top_10pct` (share) | kept in "
-                 "`global_10pct` (share) |", "| chat | 900 | 90 (10.0%) | 100 (11.1%) |",
+    header = "| `task` | rows in `scored` | kept in `top_10pct` (share) | kept in `global_10pct` (share) |"
+    for text in ("## Rows kept per `task`", header, "| chat | 900 | 90 (10.0%) | 100 (11.1%) |",
                  "| math | 20 | 2 (10.0%) | 0 (0.0%) |", "Group mode | per_group"):
         assert text in card, text
     with pytest.raises(ValueError, match="Group column 'source' is not in the scored dataset"):

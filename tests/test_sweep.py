@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from itertools import combinations
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,8 +17,16 @@ from hf_gradfilter.cli import main
 from hf_gradfilter.metrics import average_ranks, spearman
 from hf_gradfilter.record import GradientRecord
 from hf_gradfilter.scoring import score_parts
-from hf_gradfilter.sweep import (Setting, epoch_pairs, member_subsets, setting_scores, summarize, sweep,
-                                 sweep_record, sweep_settings)
+from hf_gradfilter.sweep import (
+    Setting,
+    epoch_pairs,
+    member_subsets,
+    setting_scores,
+    summarize,
+    sweep,
+    sweep_record,
+    sweep_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +134,11 @@ def test_sweep_record_writes_csv_json_and_heatmaps(record, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 12 and rows[0].keys() == {"score", "early_epoch", "late_epoch", "num_members",
                                                       "members", "spearman", "auroc"}
-    payload = json.loads(open(result["paths"]["json"]).read())
+    payload = json.loads(Path(result["paths"]["json"]).read_text())
     assert payload["meta"]["reference"] == [1, 2] and len(payload["summary"]) == 2 * 6
     assert payload["pair_spearman"]["gsnr"]["matrix"][0][0] == pytest.approx(1.0)
     for name in ("gsnr", "neg_grad_late"):
-        assert open(result["paths"][f"png_{name}"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(result["paths"][f"png_{name}"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture

@@ -83,6 +83,7 @@ def keep_scores(rows, record, ifd) -> dict[str, np.ndarray]:
     rank = lambda x: np.argsort(np.argsort(np.where(np.isfinite(x), x, -np.inf))) / max(len(x) - 1, 1)  # noqa: E731
     return {
         "G-SNR (paper)": parts["gsnr"],
+        "G-SNR x direction (gsnr_dir)": np.asarray(rec["gsnr_dir"], float),
         "Alt 1: raw drop G_s-G_t": np.asarray(rec["raw_drop"], float),
         "Alt 2: relative drop": parts["rel_drop"],
         "Alt 3: drop / V_t": np.asarray(rec["var_drop"], float),

@@ -43,6 +43,8 @@ def test_two_processes_give_the_single_process_record_and_selection(mode, tmp_pa
     assert np.isfinite(double.norms).all()  # every example, member and epoch recorded (exactly once: else it raises)
     np.testing.assert_allclose(double.norms, single.norms, rtol=1e-4)
     np.testing.assert_allclose(double.losses, single.losses, rtol=1e-4)
+    np.testing.assert_array_equal(np.isnan(double.cosines), np.isnan(single.cosines))  # against the global reference
+    np.testing.assert_allclose(double.cosines, single.cosines, rtol=1e-4, atol=1e-6)
     a, _ = top_indices(score_parts(single.norms)["gsnr"], fraction=0.3)
     b, _ = top_indices(score_parts(double.norms)["gsnr"], fraction=0.3)
     assert a.tolist() == b.tolist()
@@ -65,3 +67,4 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path):
     assert (tmp_path / "ref" / "steps_run.txt").read_text() == "20"
     np.testing.assert_allclose(resumed.norms, reference.norms, rtol=1e-6)
     np.testing.assert_allclose(resumed.losses, reference.losses, rtol=1e-6)
+    np.testing.assert_allclose(resumed.cosines, reference.cosines, rtol=1e-6, atol=1e-7)

@@ -44,6 +44,11 @@ class CaptureLora(TrainerCallback):
 
 def reference_norms(trainer, weights, member, example_ids):
     """||grad of example i's own mean response loss|| over member's LoRA params, one example at a time."""
+    return np.linalg.norm(reference_grads(trainer, weights, member, example_ids), axis=1)
+
+
+def reference_grads(trainer, weights, member, example_ids):
+    """``(len(example_ids), P)`` float64: example i's gradient over member's P LoRA params, one at a time."""
     model = trainer.model
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -62,8 +67,8 @@ def reference_norms(trainer, weights, member, example_ids):
         mask = labels != -100
         loss = -logp[mask.nonzero()[:, 0], labels[mask]].mean()
         grads = torch.autograd.grad(loss, params)
-        out.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item())
-    return np.array(out)
+        out.append(torch.cat([g.double().reshape(-1) for g in grads]).numpy())
+    return np.stack(out)
 
 
 def test_sq_norms_kernel_matches_explicit_outer_products():

@@ -33,6 +33,8 @@ _SPEC = [
     ("neg_grad_late", "RecordScorer", True, "-G_t: low late gradient energy"),
     ("neg_var_late", "RecordScorer", True, "-V_t: low late ensemble variance"),
     ("neg_loss_late", "RecordScorer", True, "-L_t: low proxy loss (members' mean at the late epoch)"),
+    ("gsnr_dir", "RecordScorer", True, "direction-aware G-SNR = G-SNR * (1 + sign(G-SNR) * C_t)"),
+    ("cos_late", "RecordScorer", True, "C_t: members' mean cosine of the late gradient with their mean gradient"),
     ("ifd", "IFDScorer", True, "Superfiltering IFD = PPL(response | prompt) / PPL(response); "
                                "select with superfiltering_select (drops IFD >= 1)"),
     ("random", "RandomScorer", True, "uniform [0, 1) per (seed, example id): a random subset"),
@@ -69,15 +71,17 @@ class RecordScorer(GSNRScorer):
 
     ``raw_drop = G_s - G_t``, ``var_drop = (G_s - G_t) / (V_t + eps)``, ``loss_late = L_t`` (members'
     mean recorded loss at the late epoch), ``neg_loss_late = -L_t``, ``neg_grad_late = -G_t``,
-    ``neg_var_late = -V_t`` (formulas: `scoring.record_parts`). Rows are matched and verified exactly
-    as `GSNRScorer` does; ``with_gsnr=True`` also appends its columns.
+    ``neg_var_late = -V_t``, ``cos_late = C_t`` (members' mean late cosine with their mean gradient),
+    ``gsnr_dir = G-SNR * (1 + sign(G-SNR) * C_t)`` (formulas: `scoring.record_parts`). Rows are matched
+    and verified exactly as `GSNRScorer` does; ``with_gsnr=True`` also appends its columns.
     """
 
     def __init__(self, record, early_epoch: int | None = None, late_epoch: int | None = None,
                  eps: float = 1e-8, verify: bool = True, with_gsnr: bool = False):
         super().__init__(record, early_epoch, late_epoch, eps, verify)
         self.with_gsnr = with_gsnr
-        self.extra = record_parts(self.record.norms, self.record.losses, self.early_epoch, self.late_epoch, eps)
+        self.extra = record_parts(self.record.norms, self.record.losses, self.early_epoch, self.late_epoch, eps,
+                                  self.record.cosines)
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
         gsnr_columns = super().__call__(batch, indices)  # matches ids and verifies row hashes

@@ -50,6 +50,10 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
         ``"snapshot"``: a pass over all examples at the end of each epoch, at fixed weights
         (one extra forward and backward per example, member and epoch).
         ``"none"``: train the ensemble without recording (a baseline for overhead measurements).
+    record_directions (`bool`, *optional*, defaults to `True`):
+        Also record each gradient's cosine with its member's mean gradient over the batches visited
+        earlier in the epoch (``GradientRecord.cosines``; the ``cos_late`` and ``gsnr_dir`` scores).
+        Costs two small contractions per LoRA matrix and one gradient-sized vector per member.
 
     > Parameters that control the data
 
@@ -92,6 +96,9 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
                           "pass at fixed weights; 'none': no recording.",
                   "choices": list(RECORD_MODES)},
     )
+    record_directions: bool = field(
+        default=True, metadata={"help": "Also record each gradient's cosine with its member's running mean "
+                                        "gradient of the epoch (the cos_late and gsnr_dir scores)."})
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per row (longer rows are cut)."})
 
     # TrainingArguments fields with other defaults

@@ -11,6 +11,12 @@ second backward, no per-example loop, and nothing per example outlives the layer
 
 `sq_norms` is the pure kernel; `LoraNormRecorder` only captures tensors with hooks on the
 ``lora_A[member]`` / ``lora_B[member]`` modules of a PEFT model and adds the kernel's output up.
+
+Directions: with a fixed matrix ``V`` of ``W``'s shape, ``<dW_b, V>_F = sum_t g_{b,t}^T V a_{b,t}``
+(`grad_dots`), so the same captured tensors also give every example's dot product with a reference
+direction, and the batch's gradient sum ``sum_b dW_b`` that moves the reference on. The recorder
+keeps one reference per member (the sum of the per-example gradients it saw earlier in the epoch)
+and reports each example's cosine with it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,28 @@ def sq_norms(activations: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Ten
     return (gram_a * gram_g).sum(dim=(1, 2))
 
 
+def grad_dots(activations: torch.Tensor, grad_outputs: torch.Tensor,
+              reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ``<dW_b, V>_F`` and the batch sum ``sum_b dW_b``, with ``dW_b = sum_t g[b, t] a[b, t]^T``.
+
+    Args:
+        activations: ``(B, T, d_in)`` (or ``(B, d_in)``) inputs of the linear layer.
+        grad_outputs: ``(B, T, d_out)`` (or ``(B, d_out)``) gradients of the loss with respect to its outputs.
+        reference: ``(d_out, d_in)`` the matrix ``V`` (laid out like ``nn.Linear.weight``).
+
+    Returns:
+        ``(B,)`` float32 dots ``sum_t g[b, t] . (V a[b, t])`` and the ``(d_out, d_in)`` float32 sum of the
+        per-example gradients. Cost: two ``B*T*d_in*d_out`` contractions (one forward matmul of the layer
+        each); no per-example gradient is materialised.
+    """
+    a, g = activations.float(), grad_outputs.float()
+    if a.dim() == 2:
+        a, g = a.unsqueeze(1), g.unsqueeze(1)
+    dots = (torch.matmul(a, reference.float().T) * g).sum(dim=(1, 2))  # (B, T, d_out) -> (B,)
+    total = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])  # (d_out, d_in)
+    return dots, total
+
+
 def lora_modules(model: nn.Module, adapter_name: str) -> list[nn.Module]:
     """The ``lora_A`` and ``lora_B`` linear modules of one adapter, in model order.
 
@@ -72,42 +100,127 @@ class LoraNormRecorder:
 
     Usage::
 
-        recorder = LoraNormRecorder(peft_model, ["member_0", "member_1"])
-        with recorder.recording(batch_size):
-            loss.backward()
-        sq = recorder.result  # (B,) squared norm of d loss / d (LoRA params of the active member)
+        recorder = LoraNormRecorder(peft_model, ["member_0", "member_1"], directions=True)
+        recorder.start(batch_size, device, member="member_0")
+        loss.backward()
+        sq = recorder.stop()  # (B,) squared norm of d loss_b / d (LoRA params of the active member)
+        recorder.cosines      # (B,) cosine with member_0's reference direction
+        recorder.commit("member_0")  # the batch joins member_0's reference
 
-    Hooks are cheap no-ops outside `recording`, so evaluation and plain training are untouched.
+    Hooks are cheap no-ops outside `start` ... `stop`, so evaluation and plain training are untouched.
+
+    Directions (``directions=True`` and ``start(..., member=name)``): member m keeps a reference
+    ``S_m``, one float32 matrix per LoRA matrix (one gradient-sized vector per member in all). For a
+    batch whose backward saw ``c * loss_b`` per example (``c = grad_scale``, the same for the batch)::
+
+        cosines[b] = <g_b, S_m> / (||g_b|| ||S_m||)      NaN where either norm is 0
+        S_m += (sum_b g_b) / c                           at `commit`, after the batch
+
+    with ``g_b`` example b's gradient over all of m's LoRA parameters (the scale ``c`` cancels in the
+    cosine). `reset_directions` zeroes the references (the trainer does so at each epoch start), so
+    ``S_m`` is the sum (a multiple of the mean) of the per-example gradients of the batches committed
+    earlier in the epoch. Extra cost per LoRA matrix: two contractions the size of its forward matmul;
+    extra memory: the references and one batch's gradient sum (one member's LoRA size).
     """
 
-    def __init__(self, model: nn.Module, adapter_names: list[str]):
+    def __init__(self, model: nn.Module, adapter_names: list[str], directions: bool = False):
         self._sq: torch.Tensor | None = None
+        self._dots: torch.Tensor | None = None
+        self._member: str | None = None
         self.result: torch.Tensor | None = None
+        self.cosines: torch.Tensor | None = None
+        self.directions = directions
         self._handles = []
         self.modules = {name: lora_modules(model, name) for name in adapter_names}
-        for mods in self.modules.values():
-            for module in mods:
+        self._slot = {}  # module -> (member, position in self.modules[member])
+        self.reference: dict[str, list[torch.Tensor]] = {}
+        self._batch_sum: dict[int, torch.Tensor] = {}
+        self._pending: tuple[str, dict[int, torch.Tensor]] | None = None
+        for name, mods in self.modules.items():
+            for k, module in enumerate(mods):
+                self._slot[module] = (name, k)
                 self._handles.append(module.register_forward_hook(self._forward_hook))
+        self.reset_directions()
 
     def _forward_hook(self, module, inputs, output):
         if self._sq is None or not output.requires_grad:
             return
         activations = inputs[0].detach()
+        name, k = self._slot[module]
 
         def backward_hook(grad_output):
-            self._sq += sq_norms(activations, grad_output.detach())
+            grad_output = grad_output.detach()
+            self._sq += sq_norms(activations, grad_output)
+            if self._dots is not None and name == self._member:
+                dots, total = grad_dots(activations, grad_output, self.reference[name][k])
+                self._dots += dots
+                self._batch_sum[k] = self._batch_sum[k] + total if k in self._batch_sum else total
 
         output.register_hook(backward_hook)
 
-    def start(self, batch_size: int, device) -> None:
-        """Begin recording a batch; hooks fire from the next forward on."""
-        self._sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
-        self.result = None
+    def start(self, batch_size: int, device, member: str | None = None) -> None:
+        """Begin recording a batch; hooks fire from the next forward on.
 
-    def stop(self) -> torch.Tensor:
-        """End recording; returns the ``(B,)`` squared norms added up since `start`."""
+        ``member``: also record each example's cosine with that member's reference (needs ``directions``).
+        """
+        self._sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        self.result, self.cosines = None, None
+        if member is not None and self.directions:
+            self._member = member
+            self._dots = torch.zeros(batch_size, dtype=torch.float32, device=device)
+            self._batch_sum = {}
+
+    def stop(self, grad_scale: float = 1.0) -> torch.Tensor:
+        """End recording; returns the ``(B,)`` squared norms added up since `start`.
+
+        With a member's directions on, also sets ``cosines`` ``(B,)`` and holds the batch's gradient
+        sum, divided by ``grad_scale`` (the factor each example's loss carried in the backward), for `commit`.
+        """
         self.result, self._sq = self._sq, None
+        if self._dots is not None:
+            ref_sq = sum(r.double().pow(2).sum() for r in self.reference[self._member])
+            denom = (self.result.double() * ref_sq).sqrt()
+            self.cosines = torch.where(denom > 0, self._dots.double() / denom, torch.nan).float()
+            self._pending = (self._member, {k: total / grad_scale for k, total in self._batch_sum.items()})
+            self._dots, self._member, self._batch_sum = None, None, {}
         return self.result
+
+    def commit(self, member: str, all_reduce=None) -> None:
+        """Add ``member``'s last stopped batch's gradient sum to its reference.
+
+        ``all_reduce`` (e.g. ``torch.distributed.all_reduce``: sums a flat tensor in place over
+        processes) makes every process's reference the global one; then every process must call
+        `commit` for the same members in the same order, whether it recorded a batch or not.
+        """
+        refs = self.reference[member]
+        pending = self._pending[1] if self._pending is not None and self._pending[0] == member else {}
+        if all_reduce is not None:
+            flat = torch.cat([pending.get(k, torch.zeros_like(ref)).reshape(-1) for k, ref in enumerate(refs)])
+            all_reduce(flat)
+            pending = dict(enumerate(torch.split(flat, [ref.numel() for ref in refs])))
+        for k, total in pending.items():
+            refs[k] += total.view_as(refs[k])
+        self._pending = None
+
+    def reset_directions(self) -> None:
+        """Zero every member's reference direction (and drop uncommitted batch sums)."""
+        self.reference = {name: [torch.zeros_like(m.weight, dtype=torch.float32) for m in mods]
+                          for name, mods in self.modules.items()}
+        self._pending = None
+
+    def direction_state(self) -> dict[str, torch.Tensor]:
+        """The references as ``{"<member>.<k>": (d_out, d_in) tensor}`` (for checkpoints)."""
+        return {f"{name}.{k}": ref for name, refs in self.reference.items() for k, ref in enumerate(refs)}
+
+    def load_direction_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `direction_state`; raises if the members or LoRA shapes differ."""
+        for name, refs in self.reference.items():
+            for k, ref in enumerate(refs):
+                value = state.get(f"{name}.{k}")
+                if value is None or value.shape != ref.shape:
+                    raise ValueError(f"Saved direction state does not fit {name} LoRA matrix {k} ({tuple(ref.shape)}).")
+                ref.copy_(value)
+        self._pending = None
 
     def remove(self) -> None:
         for handle in self._handles:

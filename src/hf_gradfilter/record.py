@@ -1,8 +1,9 @@
 """`GradientRecord`: every example's gradient norm and loss, per member and epoch.
 
-Saved as one safetensors file (no pickle): tensors ``norms`` and ``losses`` of shape
+Saved as one safetensors file (no pickle): tensors ``norms``, ``losses`` and ``cosines`` of shape
 ``(N, M, E)`` (float32, NaN where an example has no value), ``example_id`` and ``row_hash`` of
 shape ``(N,)`` (int64), and JSON metadata (the config, the data format, the dataset fingerprint).
+Records written before ``cosines`` existed load with an all-NaN ``cosines``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class GradientRecord:
     Attributes:
         norms: ``(N, M, E)`` ``n_i^(m,e) = ||grad_{LoRA of m} loss_i||_2`` at epoch e (0-based axis).
         losses: ``(N, M, E)`` the example's mean response-token loss at the same moment.
+        cosines: ``(N, M, E)`` ``cos(g_i^(m,e), S^(m,e))``: the cosine between the same gradient and
+            member m's reference direction, the sum of the per-example gradients of the batches m
+            visited earlier in epoch e (see `GradFilterTrainer`). NaN where not recorded (first
+            batch of an epoch, zero norm, ``record_directions=False``, records from older versions);
+            ``None`` in the constructor means all NaN.
         example_id: ``(N,)`` position of each row in the scored dataset.
         row_hash: ``(N,)`` 64-bit hash of each row's formatted fields.
         metadata: JSON-serialisable info (``config``, ``format``, ``fingerprint``, ``record_mode``...).
@@ -37,10 +43,15 @@ class GradientRecord:
     example_id: np.ndarray
     row_hash: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+    cosines: np.ndarray | None = None
 
     def __post_init__(self):
         if self.norms.ndim != 3 or self.norms.shape != self.losses.shape:
             raise ValueError(f"norms {self.norms.shape} and losses {self.losses.shape} must both be (N, M, E).")
+        if self.cosines is None:
+            self.cosines = np.full(self.norms.shape, np.nan, dtype=np.float32)
+        if self.cosines.shape != self.norms.shape:
+            raise ValueError(f"cosines {self.cosines.shape} must have the shape of norms {self.norms.shape}.")
         n = self.norms.shape[0]
         if self.example_id.shape != (n,) or self.row_hash.shape != (n,):
             raise ValueError(f"example_id {self.example_id.shape} and row_hash {self.row_hash.shape} must be ({n},).")
@@ -81,6 +92,7 @@ class GradientRecord:
         tensors = {
             "norms": np.ascontiguousarray(self.norms, dtype=np.float32),
             "losses": np.ascontiguousarray(self.losses, dtype=np.float32),
+            "cosines": np.ascontiguousarray(self.cosines, dtype=np.float32),
             "example_id": np.ascontiguousarray(self.example_id, dtype=np.int64),
             "row_hash": np.ascontiguousarray(self.row_hash, dtype=np.int64),
         }
@@ -99,4 +111,5 @@ class GradientRecord:
         tensors = load_file(path)
         with safe_open(path, framework="numpy") as f:
             meta = json.loads((f.metadata() or {}).get("hf_gradfilter", "{}"))
-        return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta)
+        return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta,
+                   tensors.get("cosines"))

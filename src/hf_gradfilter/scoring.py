@@ -85,7 +85,8 @@ def variance_normalised_drop(g_early: np.ndarray, g_late: np.ndarray, v_late: np
 
 # ---- baselines over the record (RecordScorer) ---------------------------------------------------
 
-RECORD_COLUMNS = ("raw_drop", "var_drop", "loss_late", "neg_loss_late", "neg_grad_late", "neg_var_late")
+RECORD_COLUMNS = ("raw_drop", "var_drop", "loss_late", "neg_loss_late", "neg_grad_late", "neg_var_late",
+                  "cos_late", "gsnr_dir")
 
 
 def mean_loss(losses: np.ndarray, epoch: int) -> np.ndarray:
@@ -93,8 +94,32 @@ def mean_loss(losses: np.ndarray, epoch: int) -> np.ndarray:
     return np.mean(_epoch(losses, epoch, "epoch"), axis=1)
 
 
+def mean_cosine(cosines: np.ndarray, epoch: int) -> np.ndarray:
+    """``C_e = mean_m cos[:, m, e]`` over the members with a value: ``(N, M, E) -> (N,)``.
+
+    ``cos[i, m, e]`` is `GradientRecord.cosines`: the cosine between example i's gradient and member
+    m's mean gradient of the epoch so far. NaN only where no member has a cosine.
+    """
+    c = _epoch(cosines, epoch, "epoch")
+    count = np.sum(~np.isnan(c), axis=1)
+    total = np.nansum(c, axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def gsnr_direction(gsnr_score: np.ndarray, cos_late: np.ndarray) -> np.ndarray:
+    """Direction-aware G-SNR: ``G-SNR * (1 + sign(G-SNR) * C_t)``, all ``(N,)``.
+
+    ``C_t`` in [-1, 1] is `mean_cosine` at the late epoch. A positive G-SNR is scaled by ``1 + C_t``
+    (up to 2x when the example's gradient points along the members' mean descent direction, down
+    to 0 when it points against it); a negative G-SNR by ``1 - C_t`` (pushed towards 0 by
+    agreement, doubled by disagreement). So the sign of G-SNR is kept, the score never decreases
+    as ``C_t`` grows, and ``C_t = 0`` (no information) leaves G-SNR as it is.
+    """
+    return gsnr_score * (1.0 + np.sign(gsnr_score) * cos_late)
+
+
 def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, late_epoch: int = 2,
-                 eps: float = DEFAULT_EPS) -> dict[str, np.ndarray]:
+                 eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The ablations and record baselines, ``(N,)`` float64 arrays keyed by `RECORD_COLUMNS`::
 
         raw_drop      = G_s - G_t                  Alt 1
@@ -103,14 +128,22 @@ def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, la
         neg_loss_late = -L_t                       keep-score: low proxy loss
         neg_grad_late = -G_t                       keep-score: low late gradient energy
         neg_var_late  = -V_t                       keep-score: low late ensemble variance
+        cos_late      = C_t                        members' mean cosine with their mean gradient (`mean_cosine`)
+        gsnr_dir      = G-SNR * (1 + sign(G-SNR) * C_t)   direction-aware G-SNR (`gsnr_direction`)
 
-    (Alt 2, ``rel_drop``, and G-SNR itself are in `score_parts`.) ``norms`` and ``losses`` are ``(N, M, E)``.
+    (Alt 2, ``rel_drop``, and G-SNR itself are in `score_parts`.) ``norms``, ``losses`` and ``cosines``
+    are ``(N, M, E)``; ``cosines=None`` (a record without directions) gives NaN direction columns.
     """
     if norms.shape != losses.shape:
         raise ValueError(f"norms {norms.shape} and losses {losses.shape} must have the same (N, M, E) shape.")
+    if cosines is None:
+        cosines = np.full(norms.shape, np.nan)
+    if cosines.shape != norms.shape:
+        raise ValueError(f"cosines {cosines.shape} must have the (N, M, E) shape of norms {norms.shape}.")
     parts = score_parts(norms, early_epoch, late_epoch, eps)  # validates the epochs and eps
     g_s, g_t, v_t = parts["grad_early"], parts["grad_late"], parts["ens_var_late"]
     l_t = mean_loss(losses, late_epoch)
+    c_t = mean_cosine(cosines, late_epoch)
     return {
         "raw_drop": raw_drop(g_s, g_t),
         "var_drop": variance_normalised_drop(g_s, g_t, v_t, eps),
@@ -118,6 +151,8 @@ def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, la
         "neg_loss_late": -l_t,
         "neg_grad_late": -g_t,
         "neg_var_late": -v_t,
+        "cos_late": c_t,
+        "gsnr_dir": gsnr_direction(parts["gsnr"], c_t),
     }
 
 

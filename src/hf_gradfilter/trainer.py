@@ -11,6 +11,21 @@ One optimizer step = one batch per member, each drawn from that member's own dat
 The ensemble objective is the sum of member losses (the mean up to the constant M, which would
 otherwise leak into Adam's epsilon and gradient clipping): member m gets exactly the update it
 would get if trained alone with the same seed and data order.
+
+Directions (``record_directions``, on by default): member m also keeps a reference direction
+
+    S_m = sum of g_j over the rows j of m's batches visited earlier in this epoch (zeroed when an epoch starts)
+
+with ``g_j`` the raw per-example gradient (same mean-NLL loss as the norms; before clipping and
+averaging) at the step that visited j, and the record gets ``cos(g_i, S_m)`` for each example i of
+the next batch (NaN for m's first batch of the epoch). In snapshot mode the same holds at the fixed
+end-of-epoch weights, over batches visited in a seeded per-member order. Why this reference: it is
+the member's mean descent direction of the epoch so far (the cosine ignores the 1/count), it needs
+one pass and no second backward (dots and batch sums come from the norm hooks, `norms.grad_dots`),
+it exists in every epoch including the first, and in snapshot mode it is taken at the same weights
+as the gradient it is compared with. Under several processes each batch's gradient sum is summed
+over processes (one all-reduce of a member's LoRA size per member batch), so the reference is the
+global one. Extra memory: M LoRA-sized references and one batch sum.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from .record import GradientRecord
 logger = logging.get_logger(__name__)
 
 MEMBER_PREFIX = "member_"
+DIRECTIONS_NAME = "gradfilter_directions.safetensors"  # checkpoints: the reference directions in progress
 
 
 def member_name(m: int) -> str:
@@ -354,7 +370,8 @@ class GradFilterTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self.recorder = LoraNormRecorder(self.model, self.member_names)
+        self.recorder = LoraNormRecorder(self.model, self.member_names, directions=args.record_directions)
+        self._direction_epoch = None  # the epoch the references belong to
         self._local = GradientRecord.empty(
             columns["example_id"],
             hashes,
@@ -428,6 +445,10 @@ class GradFilterTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         epoch, global_batch = int(inputs["epoch"]), int(inputs["global_batch"])
         record = self.args.record_mode == "train"
+        directions = record and self.args.record_directions
+        if directions and epoch != self._direction_epoch:  # a new epoch: S_m starts again from zero
+            self.recorder.reset_directions()
+            self._direction_epoch = epoch
         ga, world = self.current_gradient_accumulation_steps, self.args.world_size
         total = torch.zeros((), device=self.args.device)
         # Gradients are averaged over processes once per optimizer step (`_sync_gradients`), not per backward.
@@ -435,7 +456,7 @@ class GradFilterTrainer(Trainer):
             for m, (name, batch) in enumerate(zip(self.member_names, inputs["members"])):
                 self._activate(name)
                 if record:
-                    self.recorder.start(len(batch["input_ids"]), self.args.device)
+                    self.recorder.start(len(batch["input_ids"]), self.args.device, member=name)
                 losses = self._member_forward(model, batch)
                 weight = batch["weight"]
                 # after averaging over processes: sum of loss_i over the global batch / its size / ga
@@ -443,9 +464,13 @@ class GradFilterTrainer(Trainer):
                 self.accelerator.backward(loss)
                 self._check_finite(losses, batch["example_id"], name)
                 if record:  # backward saw loss_i * world / (global_batch * ga) (times the fp16 loss scale)
-                    norms = self.recorder.stop().sqrt() * (global_batch * ga / (world * self._loss_scale()))
+                    scale = world * self._loss_scale() / (global_batch * ga)
+                    norms = self.recorder.stop(grad_scale=scale).sqrt() / scale
                     keep = weight > 0
-                    self._store(batch["example_id"][keep], m, epoch, norms[keep], losses[keep])
+                    cosines = None if self.recorder.cosines is None else self.recorder.cosines[keep]
+                    self._store(batch["example_id"][keep], m, epoch, norms[keep], losses[keep], cosines)
+                    if directions:  # the batch joins member m's reference (summed over processes)
+                        self.recorder.commit(name, self._reduce)
                 member_loss = (losses.detach() * weight).sum() / weight.sum().clamp(min=1)
                 total += member_loss / ga
                 self._member_loss[m] += member_loss.cpu()
@@ -467,10 +492,12 @@ class GradFilterTrainer(Trainer):
                 "the partial record was saved. Lower the learning rate, or use fp32."
             )
 
-    def _store(self, example_ids, m, epoch, norms, losses) -> None:
+    def _store(self, example_ids, m, epoch, norms, losses, cosines=None) -> None:
         rows = example_ids.cpu().numpy()
         self._local.norms[rows, m, epoch] = norms.detach().float().cpu().numpy()
         self._local.losses[rows, m, epoch] = losses.detach().float().cpu().numpy()
+        if cosines is not None:
+            self._local.cosines[rows, m, epoch] = cosines.detach().float().cpu().numpy()
 
     # ---- distributed ---------------------------------------------------------------------------
 
@@ -487,6 +514,11 @@ class GradFilterTrainer(Trainer):
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
 
+    @property
+    def _reduce(self):
+        """`LoraNormRecorder.commit`'s ``all_reduce``: a sum over processes, or None with one process."""
+        return torch.distributed.all_reduce if self.args.world_size > 1 else None
+
     def gather_record(self) -> GradientRecord:
         """Combine every process's recorded rows into ``self.record`` (a collective call).
 
@@ -496,7 +528,7 @@ class GradFilterTrainer(Trainer):
             self.record = self._local
             return self.record
         merged = {}
-        for key in ("norms", "losses"):
+        for key in ("norms", "losses", "cosines"):
             local = torch.from_numpy(getattr(self._local, key))
             values = torch.nan_to_num(local, nan=0.0).to(self.args.device)
             counts = (~torch.isnan(local)).to(torch.int32).to(self.args.device)
@@ -508,7 +540,7 @@ class GradFilterTrainer(Trainer):
                 raise RuntimeError(f"Example id(s) {rows} were recorded by more than one process.")
             merged[key] = np.where(counts == 1, values, np.nan).astype(np.float32)
         self.record = GradientRecord(merged["norms"], merged["losses"], self._local.example_id,
-                                     self._local.row_hash, self._local.metadata)
+                                     self._local.row_hash, self._local.metadata, merged["cosines"])
         return self.record
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -537,30 +569,53 @@ class GradFilterTrainer(Trainer):
 
     # ---- snapshot mode -------------------------------------------------------------------------
 
+    def snapshot_batches(self, member: int, epoch: int) -> list[np.ndarray]:
+        """The global batches (row positions) of member ``member``'s snapshot at the end of ``epoch``, in order.
+
+        Rows sorted by length (longest first) are cut into batches of ``per_device_eval_batch_size *
+        world_size``, so similar lengths share a batch; their order is ``default_rng([seed, member,
+        epoch, 1]).permutation``, so each member's reference direction grows over another sequence
+        and is not built from the longest rows first.
+        """
+        size = self.args.per_device_eval_batch_size * self.args.world_size
+        order = np.argsort(-_columns(self.train_dataset, ["length"])["length"], kind="stable")
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        return [batches[k] for k in np.random.default_rng([self.args.seed, member, epoch, 1]).permutation(len(batches))]
+
     def snapshot(self, epoch: int) -> None:
-        """Record every example's norm and loss for every member at the current weights (epoch is 0-based)."""
+        """Record every example's norm, loss and cosine for every member at the current weights (epoch is 0-based).
+
+        Member m visits `snapshot_batches` (process ``rank`` takes its slice of each), its reference
+        direction starting from zero: each cosine is against the summed gradients of the batches m
+        visited before, at the same weights, whatever the number of processes.
+        """
         model = self.model
         was_training = model.training
         model.eval()  # no dropout: the norm at fixed weights
         unwrapped = self.accelerator.unwrap_model(model)
-        bs = self.args.per_device_eval_batch_size
-        rows = self.train_dataset.shard(self.args.world_size, self.args.process_index, contiguous=True)
-        rows = rows.select(np.argsort(-np.asarray(rows["length"]), kind="stable"))  # similar lengths share a batch
-        progress = tqdm(total=len(self.member_names) * len(rows), desc=f"Snapshot epoch {epoch + 1}",
-                        disable=self.args.disable_tqdm)
+        world, rank = self.args.world_size, self.args.process_index
+        directions = self.args.record_directions
+        progress = tqdm(total=len(self.member_names) * len(self.train_dataset) // world,
+                        desc=f"Snapshot epoch {epoch + 1}", disable=self.args.disable_tqdm)
         for m, name in enumerate(self.member_names):
             self._activate(name)
+            self.recorder.reset_directions()
             params = [p for n, p in unwrapped.named_parameters() if f".{name}." in n]
-            for start in range(0, len(rows), bs):
-                chunk = rows[start : start + bs]
-                feats = [{"input_ids": i, "labels": l, "example_id": e}
-                         for i, l, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
-                batch = self._prepare_inputs(pad_batch(feats, self.pad_token_id))
-                self.recorder.start(len(feats), self.args.device)
-                losses = self._member_forward(model, batch)
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
-                self._store(batch["example_id"], m, epoch, self.recorder.stop().sqrt(), losses)
-                progress.update(len(feats))
+            for global_batch in self.snapshot_batches(m, epoch):
+                mine = np.array_split(global_batch, world)[rank]
+                if len(mine):
+                    chunk = self.train_dataset[mine.tolist()]
+                    feats = [{"input_ids": i, "labels": l, "example_id": e}
+                             for i, l, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
+                    batch = self._prepare_inputs(pad_batch(feats, self.pad_token_id))
+                    self.recorder.start(len(feats), self.args.device, member=name)
+                    losses = self._member_forward(model, batch)
+                    torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                    sq = self.recorder.stop()
+                    self._store(batch["example_id"], m, epoch, sq.sqrt(), losses, self.recorder.cosines)
+                    progress.update(len(feats))
+                if directions:  # every process, its slice empty or not: the all-reduce is collective
+                    self.recorder.commit(name, self._reduce)
         progress.close()
         self._activate(self.member_names)
         model.train(was_training)
@@ -583,6 +638,17 @@ class GradFilterTrainer(Trainer):
         self.save_record(output_dir)
         with open(os.path.join(output_dir, "gradfilter_config.json"), "w") as f:
             json.dump(self.record.metadata, f, indent=2, default=str)
+        if _internal_call and self.args.record_mode == "train" and self.args.record_directions:
+            self._save_directions(output_dir)
+
+    def _save_directions(self, output_dir: str) -> None:
+        """The members' reference directions of the epoch in progress (`DIRECTIONS_NAME`), so a run
+        resumed mid-epoch records the cosines an uninterrupted run would."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.recorder.direction_state().items()}
+        save_file(state, os.path.join(output_dir, DIRECTIONS_NAME),
+                  metadata={"epoch": json.dumps(self._direction_epoch)})
 
     def _save_checkpoint(self, model, trial):
         """Checkpoint = Trainer's (members, optimizer, scheduler, RNG, state) + the partial record."""
@@ -607,6 +673,14 @@ class GradFilterTrainer(Trainer):
                              "use a fresh output_dir.")
         if self.args.process_index == 0:  # the others start empty, so the next gather counts each row once
             self._local.norms[:], self._local.losses[:] = record.norms, record.losses
+            self._local.cosines[:] = record.cosines
+        directions = os.path.join(resume_from_checkpoint, DIRECTIONS_NAME)
+        if os.path.exists(directions):  # every process: the references are the global ones
+            from safetensors import safe_open
+
+            self.recorder.load_direction_state(load_file(directions, device=str(self.args.device)))
+            with safe_open(directions, framework="pt") as f:
+                self._direction_epoch = json.loads(f.metadata()["epoch"])
         self._activate(self.member_names)
 
     def member_loss_table(self) -> np.ndarray:

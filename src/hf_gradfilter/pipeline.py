@@ -48,7 +48,8 @@ class RunArguments(ScoreArguments):
     """
 
     score_column: str = field(default="gsnr", metadata={
-        "help": "Column to select by, higher kept (see `hf-gradfilter select --help`; ifd uses Superfiltering's rule)."})
+        "help": "Column to select by, higher kept (see `hf-gradfilter select --help`; ifd uses Superfiltering's "
+                "rule)."})
     ratio: list[float] = field(default_factory=lambda: [0.1], metadata={
         "help": "Fractions to keep, e.g. --ratio 0.05 0.10 0.15 (one scoring run, one target per ratio)."})
     group_column: str | None = field(default=None, metadata={
@@ -76,7 +77,8 @@ class RunArguments(ScoreArguments):
     eval_dataset_name: str | None = field(default=None, metadata={
         "help": "Held-out rows (file, saved dataset or Hub id) for the targets' loss (with --demo: clean demo rows)."})
     eval_dataset_split: str = field(default="train", metadata={"help": "Split of --eval_dataset_name."})
-    eval_max_rows: int = field(default=300, metadata={"help": "Evaluate the targets on at most this many held-out rows."})
+    eval_max_rows: int = field(default=300, metadata={
+        "help": "Evaluate the targets on at most this many held-out rows."})
     push_dataset_id: str | None = field(default=None, metadata={
         "help": "Publish the scored data and every selection to this Hub dataset repo (namespace/name)."})
     push_adapter_id: str | None = field(default=None, metadata={
@@ -277,7 +279,8 @@ def _score(args: RunArguments, config, folder: str) -> dict:
 
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
     """Keep the top ``ratio`` by ``column`` (``ifd``: Superfiltering's rule; ``random``: as many rows as the
-    ``args.score_column`` selection, drawn uniformly; ``args.group_column``: per group). Writes ``data/``, ``positions.npy`` (rows of the scored
+    ``args.score_column`` selection, drawn uniformly; ``args.group_column``: per group). Writes ``data/``,
+    ``positions.npy`` (rows of the scored
     set, ascending) and ``stats.json``."""
     from .cli import load_rows
     from .trainer import _columns

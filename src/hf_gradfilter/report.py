@@ -67,8 +67,12 @@ def score_histograms(columns: dict[str, np.ndarray], selected: np.ndarray, cuts:
     """One panel per column (`display_scale`): all rows and the selected ones; the score column's panel
     marks each selection's cut."""
     names = list(columns)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.0), dpi=100, squeeze=False)
-    for ax, name in zip(axes[0], names):
+    ncols = min(3, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         values = np.asarray(columns[name], dtype=np.float64)
         transform, label = display_scale(values, name)
         with np.errstate(all="ignore"):
@@ -85,7 +89,8 @@ def score_histograms(columns: dict[str, np.ndarray], selected: np.ndarray, cuts:
                 ax.axvline(x, color="black", linestyle="--", linewidth=1)
                 ax.annotate(text, (x, ax.get_ylim()[1]), fontsize=7, rotation=90, ha="right", va="top")
         ax.set(xlabel=label, title=name)
-    axes[0][0].set_ylabel("rows")
+    for row in axes:
+        row[0].set_ylabel("rows")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
@@ -127,7 +132,8 @@ def _load_run(out: str) -> dict:
            "stages": _read_json(os.path.join(out, "stages.json"), {})}
     score = os.path.join(out, "score")
     run["score_state"] = _read_json(os.path.join(score, "stage.json"), {})
-    run["scored"] = load_from_disk(os.path.join(score, "scored")) if os.path.isdir(os.path.join(score, "scored")) else None
+    scored = os.path.join(score, "scored")
+    run["scored"] = load_from_disk(scored) if os.path.isdir(scored) else None
     record = os.path.join(score, "gradient_record.safetensors")
     if os.path.exists(record):
         from .record import GradientRecord
@@ -226,15 +232,18 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
     from .cli import failure_signatures
     from .scoring import score_parts
+    from .trainer import _columns
 
     args, proxy = run["args"].get("run", {}), run["args"].get("proxy", {})
     column = args.get("score_column", "gsnr")
     rel = lambda name: os.path.join(os.path.basename(fig_dir), name)
     source = "embedded demo dataset" if args.get("demo") else args.get("dataset_name")
+    proxy_name = "tiny demo GPT-2" if args.get("demo") else args.get("model_name_or_path")
     blocks = [("h1", "hf-gradfilter run report"),
-              ("p", f"Data: {source}. Proxy: {'tiny demo GPT-2' if args.get('demo') else args.get('model_name_or_path')}"
+              ("p", f"Data: {source}. Proxy: {proxy_name}"
                     f", M={proxy.get('num_members')} LoRA members, {proxy.get('num_train_epochs')} epochs, "
-                    f"record mode {proxy.get('record_mode')}, s={proxy.get('early_epoch')}, t={proxy.get('late_epoch')}. "
+                    f"record mode {proxy.get('record_mode')}, s={proxy.get('early_epoch')}, "
+                    f"t={proxy.get('late_epoch')}. "
                     f"Selection by {column!r}; target: {args.get('target_model')}.")]
     if run["stages"]:
         blocks.append(("table", ["stage", "this run", "seconds (when it ran)"],
@@ -258,15 +267,21 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     sels = {k: v for k, v in run["selections"].items() if not k.startswith("random_")}
     masks = {k: _selected_mask(len(scored), v["folder"]) for k, v in sels.items()}
     first = next(iter(masks.values()), np.zeros(len(scored), dtype=bool))
-    values = np.asarray(scored.with_format("numpy")[column][:], dtype=np.float64) if column in scored.column_names \
-        else parts["gsnr"]
+    values = (np.asarray(_columns(scored, [column])[column], dtype=np.float64) if column in scored.column_names
+              else parts["gsnr"])
     cuts = {k.rsplit("_", 1)[-1]: v["stats"].get("threshold") for k, v in sels.items()
             if v["stats"].get("threshold") is not None}
     columns = {column: values, **{k: parts[k] for k in ("grad_early", "grad_late", "rel_drop", "ens_var_late")}}
+    if "cos_late" in scored.column_names:  # direction: cosine with the member's mean gradient (late epoch)
+        cos = np.asarray(_columns(scored, ["cos_late"])["cos_late"], dtype=np.float64)
+        if np.isfinite(cos).any():
+            columns["cos_late"] = cos
     blocks += [("h2", "Scores"),
                ("p", f"Distribution of the score and of its parts over all rows, the rows kept at the smallest "
                      f"ratio in red; dashed lines: the cut of each ratio. grad_early = G_{s}, grad_late = G_{t} "
-                     f"(mean squared gradient norm over members), ens_var_late = V_{t} (variance over members)."),
+                     f"(mean squared gradient norm over members), ens_var_late = V_{t} (variance over members), "
+                     f"cos_late: the members' mean cosine between a row's gradient and their mean gradient of "
+                     f"epoch {t}."),
                ("img", rel("scores.png"), "score histograms"),
                ("img", rel("drop_vs_variance.png"), "relative drop against late variance")]
     score_histograms(columns, first, cuts, column, os.path.join(fig_dir, "scores.png"))
@@ -296,7 +311,8 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     if run["targets"]:
         blocks.append(("h2", "Target fine-tuning"))
         train = {k: [(h["step"], h["loss"]) for h in v["log"] if "loss" in h] for k, v in run["targets"].items()}
-        evals = {k: [(h["step"], h["eval_loss"]) for h in v["log"] if "eval_loss" in h] for k, v in run["targets"].items()}
+        evals = {k: [(h["step"], h["eval_loss"]) for h in v["log"] if "eval_loss" in h]
+                 for k, v in run["targets"].items()}
         line_plot(train, os.path.join(fig_dir, "target_loss.png"), xlabel="optimizer step", ylabel="training loss",
                   title="Target training loss on each selection")
         blocks.append(("img", rel("target_loss.png"), "target training loss"))
@@ -304,7 +320,8 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
             line_plot(evals, os.path.join(fig_dir, "target_eval_loss.png"), xlabel="optimizer step",
                       ylabel="held-out loss", title="Target held-out loss")
             blocks.append(("img", rel("target_eval_loss.png"), "target held-out loss"))
-        blocks.append(("table", ["trained on", "rows", "final training loss", "final held-out loss", "best held-out loss"],
+        header = ["trained on", "rows", "final training loss", "final held-out loss", "best held-out loss"]
+        blocks.append(("table", header,
                        [[k, v["metrics"].get("train_rows"), _fmt(v["metrics"].get("final_train_loss")),
                          _fmt(v["metrics"].get("final_eval_loss")), _fmt(v["metrics"].get("best_eval_loss"))]
                         for k, v in run["targets"].items()]))

@@ -174,3 +174,47 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+# ---- remedy: rank mix of low late energy and low late loss (docs/remedies.md) ----------------------
+
+def average_rank(x: np.ndarray) -> np.ndarray:
+    """Ranks of ``x`` scaled to ``[0, 1]`` (0 = smallest), ties averaged, NaN kept as NaN: ``(N,) -> (N,)``.
+
+    ``r_i = (rank_i - 1) / (K - 1)`` over the K finite values (1-based ranks, a tie shares the mean of its
+    ranks); a single finite value gets 0.5.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    out = np.full(x.shape, np.nan)
+    ok = np.isfinite(x)
+    k = int(ok.sum())
+    if k == 0:
+        return out
+    values = x[ok]
+    order = np.argsort(values, kind="mergesort")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(k)
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0, counts)  # 0-based average ranks
+    out[ok] = ranks / (k - 1) if k > 1 else 0.5
+    return out
+
+
+def fit_rank(g_late: np.ndarray, loss_late: np.ndarray) -> np.ndarray:
+    """Keep-score ``fit_rank = (r(-G_t) + r(-L_t)) / 2`` in ``[0, 1]``: rows the proxy fits well rank high.
+
+    ``G_t`` is the members' mean squared gradient norm at the late epoch (`grad_energy`), ``L_t`` their
+    mean response loss there (`mean_loss`), ``r`` is `average_rank` (ties averaged, over the rows where
+    both are finite). Both ``(N,)``; returns ``(N,)``, NaN where either input is NaN.
+
+    Unlike the paper's G-SNR it reads no epoch-to-epoch drop (that drop was mostly noise and of
+    either sign in docs/remedies.md) and no division, so its ranking does not flip with the sign of
+    anything; it is scale-free (ranks), so the adapter's norm growth cannot dominate it.
+    """
+    g_late = np.asarray(g_late, dtype=np.float64)
+    loss_late = np.asarray(loss_late, dtype=np.float64)
+    if g_late.shape != loss_late.shape or g_late.ndim != 1:
+        raise ValueError(f"g_late {g_late.shape} and loss_late {loss_late.shape} must be the same (N,) shape.")
+    both = np.isfinite(g_late) & np.isfinite(loss_late)
+    score = np.full(g_late.shape, np.nan)
+    score[both] = (average_rank(-g_late[both]) + average_rank(-loss_late[both])) / 2.0
+    return score

@@ -5,10 +5,11 @@ memory-mapped Arrow files are left out, since the kernel drops them under pressu
 
 Each size runs in a fresh process: short pre-tokenized rows are written to an Arrow file on disk
 (`Dataset.from_generator`, memory-mapped like any `load_dataset` result), a `GradFilterTrainer`
-tokenizes them (cached to disk), builds its sampler and record, then one epoch of every member's
+tokenizes them (cached to disk), builds its sampler and record, then every epoch of every member's
 batches is collated and written into the record, and the record is saved. The model's compute is
 skipped (it does not grow with the dataset). Reported: peak RSS above the post-import baseline,
-against the size of the record itself (norms + losses, N x M x E float32 each).
+against the size of the record itself (norms, losses and cosines, N x M x E float32 each, plus
+example_id and row_hash, N int64 each).
 
     python benchmarks/memory.py                    # 10k, 100k, 1M rows; a few minutes on 2 CPU cores
     python benchmarks/memory.py --sizes 10000 100000 --output docs/memory.md
@@ -84,12 +85,13 @@ def child(n: int, members: int, epochs: int, batch: int, workdir: str) -> dict:
         for step in loader:
             for m, batch_m in enumerate(step["members"]):
                 ones = np.ones(len(batch_m["example_id"]), dtype=np.float32)
-                trainer._store(batch_m["example_id"], m, epoch, _t(ones), _t(ones))
+                trainer._store(batch_m["example_id"], m, epoch, _t(ones), _t(ones), _t(ones))
     trainer.gather_record()
     trainer.save_record()
     assert np.isfinite(trainer.record.norms).all()
     peak = sampler.stop()
-    record_mb = 2 * trainer.record.norms.nbytes / 2**20
+    r = trainer.record
+    record_mb = sum(a.nbytes for a in (r.norms, r.losses, r.cosines, r.example_id, r.row_hash)) / 2**20
     return {"rows": n, "baseline_mb": baseline, "peak_above_baseline_mb": peak - baseline, "record_mb": record_mb,
             "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -115,7 +117,7 @@ def main():
         return
     lines = [f"Command: python benchmarks/memory.py --sizes {' '.join(map(str, args.sizes))} --members "
              f"{args.members} --epochs {args.epochs} --batch {args.batch}", "",
-             "| rows | peak RssAnon above baseline (MB) | record, norms + losses (MB) | peak / record | MB per 1k rows "
+             "| rows | peak RssAnon above baseline (MB) | record: norms, losses, cosines, ids, hashes (MB) | peak / record | MB per 1k rows "
              "| peak VmRSS incl. mapped files (MB) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)

@@ -104,12 +104,27 @@ class GradientRecord:
 
     @classmethod
     def load(cls, path: str) -> GradientRecord:
-        if os.path.isdir(path):
-            path = os.path.join(path, RECORD_NAME)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No gradient record at {path}; run `hf-gradfilter score` first.")
+        path = _record_file(path)
         tensors = load_file(path)
         with safe_open(path, framework="numpy") as f:
             meta = json.loads((f.metadata() or {}).get("hf_gradfilter", "{}"))
         return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta,
                    tensors.get("cosines"))
+
+
+def _record_file(path: str) -> str:
+    if os.path.isdir(path):
+        path = os.path.join(path, RECORD_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No gradient record at {path}; run `hf-gradfilter score` first.")
+    return path
+
+
+def read_record_arrays(path: str, names):
+    """Yield ``(name, array)`` for each of ``names`` that the record at ``path`` holds, one array at
+    a time, so a caller copying them into place never holds a second whole record."""
+    with safe_open(_record_file(path), framework="numpy") as f:
+        stored = set(f.keys())
+        for name in names:
+            if name in stored:
+                yield name, f.get_tensor(name)

@@ -48,7 +48,7 @@ from transformers.utils import logging
 from .config import GradFilterConfig
 from .formatting import tokenize_dataset
 from .norms import LoraNormRecorder
-from .record import GradientRecord
+from .record import GradientRecord, read_record_arrays
 
 logger = logging.get_logger(__name__)
 
@@ -88,6 +88,12 @@ def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
 def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
     """Whole columns of a `datasets.Dataset` as numpy arrays (never as lists of Python objects)."""
     return dataset.with_format("numpy", columns=names)[:]
+
+
+def _num_repeats(values: np.ndarray) -> int:
+    """How many entries equal an earlier one (``len(values) - len(np.unique(values))``, with one sorted copy)."""
+    ordered = np.sort(values)
+    return int(np.count_nonzero(ordered[1:] == ordered[:-1]))
 
 
 def head_splits(lm) -> bool:
@@ -137,35 +143,46 @@ class MemberSampler(Sampler[list]):
         self.num_replicas, self.rank = num_replicas, rank
         self.batch_size = batch_size * num_replicas  # global
         self.lengths = None if lengths is None else np.asarray(lengths)
+        if (self.lengths is not None and np.issubdtype(self.lengths.dtype, np.integer)
+                and self.lengths.dtype.itemsize > 4 and self.lengths.max(initial=0) < 2**31):
+            self.lengths = self.lengths.astype(np.int32)  # token counts: 4 bytes a row is plenty
         self.mega = max(1, min(mega_batch_mult, num_rows // (4 * self.batch_size)))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self, member: int, epoch: int) -> list[np.ndarray]:
-        """Member ``member``'s global batches (row positions) in epoch ``epoch`` (0-based), in order."""
+    def order(self, member: int, epoch: int) -> np.ndarray:
+        """Member ``member``'s rows in epoch ``epoch`` (0-based) in visiting order: global batch k is
+        ``order[k * batch_size : (k + 1) * batch_size]``.
+
+        One int32 array of N (int64 from 2^31 rows), rearranged in place: 4 bytes per row and member.
+        """
         rng = np.random.default_rng([self.seed, member, epoch])
-        order, b = rng.permutation(self.n), self.batch_size
+        order = np.arange(self.n, dtype=np.int32 if self.n < 2**31 else np.int64)
+        rng.shuffle(order)  # the same permutation as rng.permutation(n), without an int64 copy
+        b = self.batch_size
         full = self.n - self.n % b
-        if self.lengths is None:
-            batches = [order[i : i + b] for i in range(0, full, b)]
-        else:
-            batches = []
-            for start in range(0, full, b * self.mega):
+        if self.lengths is not None:
+            for start in range(0, full, b * self.mega):  # each mega-batch sorted by length, longest first
                 chunk = order[start : min(start + b * self.mega, full)]
-                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if full < self.n:
-            batches.append(order[full:])
-        return batches
+                chunk[:] = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            perm = rng.permutation(full // b)  # then the order of its full batches is shuffled
+            order[:full] = order[:full].reshape(-1, b)[perm].reshape(-1)
+        return order
+
+    def batches(self, member: int, epoch: int) -> list[np.ndarray]:
+        """Member ``member``'s global batches (row positions) in epoch ``epoch`` (0-based), in order:
+        views into `order`."""
+        order, b = self.order(member, epoch), self.batch_size
+        return [order[i : i + b] for i in range(0, self.n, b)]
 
     def __iter__(self):
-        per_member = [self.batches(m, self.epoch) for m in range(self.num_members)]
-        for step in zip(*per_member):
+        orders, b = [self.order(m, self.epoch) for m in range(self.num_members)], self.batch_size
+        for start in range(0, self.n, b):
             items = []
-            for batch in step:
+            for order in orders:
+                batch = order[start : start + b]
                 mine = np.array_split(batch, self.num_replicas)[self.rank]
                 if len(mine):
                     items += [(int(i), self.epoch, 1.0, len(batch)) for i in mine]
@@ -317,18 +334,20 @@ class GradFilterTrainer(Trainer):
         tokenized, fmt = tokenize_dataset(train_dataset, tokenizer, args.instruction_format, args.max_length)
         self.tokenized = tokenized
         self.instruction_format = fmt
-        columns = _columns(tokenized, ["num_response_tokens", "row_hash", "empty_response", "truncated", "example_id"])
-        counts = columns["num_response_tokens"]
-        trainable = np.flatnonzero(counts > 0)
-        hashes = columns["row_hash"].astype(np.int64)
-        num_empty = int(np.sum(columns["empty_response"]))
+        # Whole columns, each read once and dropped when counted: only example_id and row_hash stay (in the record).
+        columns = _columns(tokenized, ["num_response_tokens", "empty_response", "truncated"])
+        trainable = np.flatnonzero(columns["num_response_tokens"] > 0)
+        num_empty, num_truncated = int(np.sum(columns["empty_response"])), int(np.sum(columns["truncated"]))
+        del columns
+        columns = _columns(tokenized, ["example_id", "row_hash"])
+        hashes = columns["row_hash"].astype(np.int64, copy=False)
         # Policies and how the counts relate: the "Odd input" section of `formatting`'s docstring.
         self.data_stats = {
             "num_rows": len(tokenized),
-            "num_truncated": int(np.sum(columns["truncated"])),
+            "num_truncated": num_truncated,
             "num_no_response": int(len(tokenized) - len(trainable)),  # includes the empty-response rows
             "num_empty_response": num_empty,
-            "num_duplicate_rows": int(len(hashes) - len(np.unique(hashes))),  # rows whose row_hash came earlier
+            "num_duplicate_rows": _num_repeats(hashes),  # rows whose row_hash came earlier
             "max_length": args.max_length,
         }
         num_cut = self.data_stats["num_no_response"] - num_empty
@@ -361,10 +380,12 @@ class GradFilterTrainer(Trainer):
         callbacks = list(callbacks or [])
         if args.record_mode == "snapshot":
             callbacks.append(_SnapshotCallback(self))
+        train_rows = tokenized.select(trainable)
+        del trainable
         super().__init__(
             model=model,
             args=args,
-            train_dataset=tokenized.select(trainable),
+            train_dataset=train_rows,
             processing_class=tokenizer,
             data_collator=MemberCollator(args.num_members, self.pad_token_id),
             callbacks=callbacks,
@@ -578,7 +599,10 @@ class GradFilterTrainer(Trainer):
         and is not built from the longest rows first.
         """
         size = self.args.per_device_eval_batch_size * self.args.world_size
-        order = np.argsort(-_columns(self.train_dataset, ["length"])["length"], kind="stable")
+        if getattr(self, "_by_length", None) is None:  # computed once, kept as int32: 4 bytes a row
+            order = np.argsort(-_columns(self.train_dataset, ["length"])["length"], kind="stable")
+            self._by_length = order.astype(np.int32) if len(order) < 2**31 else order
+        order = self._by_length
         batches = [order[i : i + size] for i in range(0, len(order), size)]
         return [batches[k] for k in np.random.default_rng([self.args.seed, member, epoch, 1]).permutation(len(batches))]
 
@@ -667,13 +691,15 @@ class GradFilterTrainer(Trainer):
                 raise FileNotFoundError(f"Checkpoint {resume_from_checkpoint} has no adapter for {name}; "
                                         "it was not written by GradFilterTrainer with this num_members.")
             set_peft_model_state_dict(unwrapped, load_file(path), adapter_name=name)
-        record = GradientRecord.load(resume_from_checkpoint)
-        if not np.array_equal(record.row_hash, self._local.row_hash) or record.norms.shape != self._local.norms.shape:
-            raise ValueError(f"The record in {resume_from_checkpoint} was made from another dataset or settings; "
-                             "use a fresh output_dir.")
-        if self.args.process_index == 0:  # the others start empty, so the next gather counts each row once
-            self._local.norms[:], self._local.losses[:] = record.norms, record.losses
-            self._local.cosines[:] = record.cosines
+        # One array at a time into the record in place (no second whole record); no cosines: stay NaN.
+        arrays = read_record_arrays(resume_from_checkpoint, ["row_hash", "norms", "losses", "cosines"])
+        for name, array in arrays:
+            if ((name == "row_hash" and not np.array_equal(array, self._local.row_hash))
+                    or (name == "norms" and array.shape != self._local.norms.shape)):
+                raise ValueError(f"The record in {resume_from_checkpoint} was made from another dataset or "
+                                 "settings; use a fresh output_dir.")
+            if name != "row_hash" and self.args.process_index == 0:  # the others start empty: the
+                getattr(self._local, name)[:] = array  # next gather counts each row once
         directions = os.path.join(resume_from_checkpoint, DIRECTIONS_NAME)
         if os.path.exists(directions):  # every process: the references are the global ones
             from safetensors import safe_open

@@ -37,8 +37,8 @@ from hf_gradfilter.baselines import IFDScorer, LengthScorer, RandomScorer, Recor
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
 from hf_gradfilter.demo_data import make_demo_dataset
 from hf_gradfilter.metrics import auroc
-from hf_gradfilter.scoring import score_parts
-from hf_gradfilter.selection import top_indices
+from hf_gradfilter.scoring import fit_rank, mean_loss, score_parts
+from hf_gradfilter.selection import top_indices, top_indices_by_group
 
 ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train", "alpaca_cherry_5pct.json")
 
@@ -82,8 +82,10 @@ def keep_scores(rows, record, ifd) -> dict[str, np.ndarray]:
     g_t, v_t = parts["grad_late"], parts["ens_var_late"]
     rank = lambda x: np.argsort(np.argsort(np.where(np.isfinite(x), x, -np.inf))) / max(len(x) - 1, 1)  # noqa: E731
     return {
+        "fit_rank (default)": fit_rank(g_t, mean_loss(record.losses, 2)),
         "G-SNR (paper)": parts["gsnr"],
         "G-SNR x direction (gsnr_dir)": np.asarray(rec["gsnr_dir"], float),
+        "direction only: cos_late": np.asarray(rec["cos_late"], float),
         "Alt 1: raw drop G_s-G_t": np.asarray(rec["raw_drop"], float),
         "Alt 2: relative drop": parts["rel_drop"],
         "Alt 3: drop / V_t": np.asarray(rec["var_drop"], float),
@@ -163,12 +165,16 @@ def downstream(rows, scores, tokenizer, args) -> dict:
         ["instruction", "input", "output"])
     eval_rows = to_sft_rows(held_out)
     subsets = {}
-    for name in ("G-SNR (paper)", args.variant, "Superfiltering IFD", "random"):
+    for name in ("G-SNR (paper)", args.variant, "G-SNR x direction (gsnr_dir)", "Superfiltering IFD", "random"):
         s = np.asarray(scores[name], float)
         if name == "Superfiltering IFD":
             s = np.where(s >= 1, -np.inf, s)
         idx, _ = top_indices(np.where(np.isfinite(s), s, -1e300), fraction=0.10)
         subsets[name] = np.sort(idx)
+    s = np.asarray(scores[args.variant], float)  # the same score, 10% of every task (a mixture-aware cut)
+    idx, _ = top_indices_by_group(np.where(np.isfinite(s), s, -1e300), np.asarray(rows["task"]), fraction=0.10,
+                                  mode="per_group")
+    subsets[f"{args.variant}, 10% per task"] = np.sort(idx)
     subsets["all rows"] = np.arange(len(rows))
     out = {}
     for name, idx in subsets.items():
@@ -235,7 +241,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target_steps", type=int, default=120)
-    parser.add_argument("--variant", default="rank mix: rank(-G_t)+rank(-V_t)")
+    parser.add_argument("--variant", default="fit_rank (default)")
     parser.add_argument("--dataset", default=None, help="Your own labelled dataset (file or Hub id).")
     parser.add_argument("--label_column", default="is_corrupted")
     parser.add_argument("--model_name_or_path", default=None, help="Proxy for --dataset (default: demo proxy).")

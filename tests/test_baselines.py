@@ -178,6 +178,6 @@ def test_every_scorer_keeps_rows_and_columns_and_is_registered(model, tokenizer,
         assert scored.column_names == rows.column_names + list(columns)
         assert scored.select_columns(rows.column_names).to_dict() == rows.to_dict()
         assert all(SCORER_OF[c] == type(scorer).__name__ for c in columns)
-    produced = {*SCORE_COLUMNS, *RECORD_COLUMNS, "ifd", "ppl_conditioned", "ppl_response", "random", "response_length"}
+    produced = {"fit_rank", *SCORE_COLUMNS, *RECORD_COLUMNS, "ifd", "ppl_conditioned", "ppl_response", "random", "response_length"}
     assert set(SCORERS) == produced == set(HIGHER_IS_BETTER)
     assert not HIGHER_IS_BETTER["loss_late"] and HIGHER_IS_BETTER["neg_loss_late"]

@@ -56,7 +56,8 @@ def test_scorer_appends_columns_and_keeps_rows(rows, tmp_path):
     record = make_record(rows, NORMS)
     record.save(str(tmp_path))
     scored = rows.map(GSNRScorer(str(tmp_path)), batched=True, with_indices=True, batch_size=1)
-    assert scored.column_names == rows.column_names + ["gsnr", "grad_early", "grad_late", "rel_drop", "ens_var_late"]
+    assert scored.column_names == rows.column_names + ["fit_rank", "gsnr", "grad_early", "grad_late", "rel_drop",
+                                                        "ens_var_late"]
     assert scored["keep"] == [7, 8] and scored["instruction"] == ["a", "b"]
     np.testing.assert_allclose(scored["gsnr"], score_parts(NORMS)["gsnr"])
 

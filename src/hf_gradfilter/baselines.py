@@ -26,6 +26,8 @@ from .trainer import head_splits, per_example_loss, response_loss
 
 # column, scorer, higher is better (a keep-score for `select_top`), description
 _SPEC = [
+    ("fit_rank", "GSNRScorer", True, "the default: (r(-G_t) + r(-L_t)) / 2, ranks of low late gradient energy and "
+                                     "low late proxy loss (docs/remedies.md)"),
     ("gsnr", "GSNRScorer", True, "G-SNR = (G_s - G_t) / (G_s + eps) / (V_t + eps), the paper's score"),
     ("rel_drop", "GSNRScorer", True, "Alt 2: relative drop (G_s - G_t) / (G_s + eps)"),
     ("raw_drop", "RecordScorer", True, "Alt 1: raw drop G_s - G_t"),

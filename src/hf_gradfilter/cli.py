@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 from .config import GradFilterConfig
 from .formatting import DataFormatArguments
 from .metrics import auroc
+from .scoring import DEFAULT_SCORE
 
 
 @dataclass
@@ -51,10 +52,11 @@ class SelectArguments:
     """Which rows to keep."""
 
     scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
-    score_column: str = field(default="gsnr", metadata={
-        "help": "Column to rank by, higher kept: gsnr (the paper), rel_drop, raw_drop, var_drop, neg_grad_late, "
-                "neg_var_late, neg_loss_late, or a baseline added with --extra_scores (ifd uses Superfiltering's "
-                "rule), or any numeric column."})
+    score_column: str = field(default=DEFAULT_SCORE, metadata={
+        "help": "Column to rank by, higher kept: fit_rank (default: low late gradient energy and low late proxy "
+                "loss, by rank; docs/remedies.md), gsnr (the paper's formula), gsnr_dir, rel_drop, raw_drop, "
+                "var_drop, neg_grad_late, neg_var_late, neg_loss_late, or a baseline added with --extra_scores "
+                "(ifd uses Superfiltering's rule), or any numeric column."})
     ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})
     top_k: int | None = field(default=None, metadata={"help": "Number of rows to keep (instead of --ratio)."})
     output: str | None = field(
@@ -113,7 +115,7 @@ class PushArguments:
                                         "proxy: the scoring output dir; adapter: the fine-tuning output dir."})
     selected: list[str] = field(default_factory=list, metadata={
         "help": "dataset: selected splits written by `select` (split name from the folder: top_10pct, ...)."})
-    score_column: str = field(default="gsnr", metadata={"help": "dataset: the column the selection used."})
+    score_column: str = field(default=DEFAULT_SCORE, metadata={"help": "dataset: the column the selection used."})
     group_column: str | None = field(default=None, metadata={
         "help": "dataset: the --group_column of `select` (task, source...): the card shows what each group kept."})
     base_model: str | None = field(default=None, metadata={"help": "adapter: the target's Hub id."})
@@ -350,7 +352,7 @@ def failure_signatures(record, early_epoch: int = 1, late_epoch: int = 2) -> lis
     if rose > 0.5:
         out.append(f"the gradient energy rose from epoch {early_epoch} to {late_epoch} for {rose:.0%} of rows, so "
                    "the drop in G-SNR is mostly negative and the paper's score ranks rows it has learned last; "
-                   "see docs/quality.md, and compare --score_column neg_grad_late.")
+                   "the default --score_column fit_rank does not use the drop (docs/remedies.md).")
     if np.isfinite(v_rel) and v_rel < 1e-4:
         out.append("the members' late norms barely differ (ensemble variance collapsed): the uncertainty term "
                    "carries no signal; use more members or different seeds/data orders.")
@@ -449,8 +451,8 @@ class SweepArguments:
         "help": "Scored dataset holding --label_column (default: the record dir's scored/ folder)."})
     label_column: str | None = field(default=None, metadata={
         "help": "Boolean column, True = a bad row (e.g. is_corrupted): adds the AUROC of each setting."})
-    score: list[str] = field(default_factory=lambda: ["gsnr"], metadata={
-        "help": "Scores to sweep: gsnr, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, neg_loss_late..."})
+    score: list[str] = field(default_factory=lambda: [DEFAULT_SCORE, "gsnr"], metadata={
+        "help": "Scores to sweep: fit_rank, gsnr, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, neg_loss_late..."})
     epochs: list[int] = field(default_factory=list, metadata={
         "help": "Epochs to pair as (s, t), s < t (default: every recorded epoch)."})
     members: list[int] = field(default_factory=list, metadata={
@@ -563,13 +565,14 @@ def demo(args: DemoArguments, config: GradFilterConfig):
     rate = float(np.mean(scored["is_corrupted"]))
     kept = int(np.sum(selected["is_corrupted"]))
     n = len(selected)
-    print(f"\nCorrupted rows in the top {args.ratio:.0%} by G-SNR: {kept} of {n} ({kept / n:.1%}); "
+    print(f"\nCorrupted rows in the top {args.ratio:.0%} by {DEFAULT_SCORE}: {kept} of {n} ({kept / n:.1%}); "
           f"a random selection of {n} keeps {rate * n:.1f} on average ({rate:.0%}).")
     for kind in ("swapped", "truncated", "shuffled"):
         print(f"  {kind:<10} kept {int(np.sum(np.asarray(selected['corruption']) == kind))}")
     clean = ~np.asarray(scored["is_corrupted"])
-    print(f"AUROC of G-SNR for ranking clean rows above corrupted ones over the whole set: "
-          f"{auroc(np.asarray(scored['gsnr'], dtype=float), clean):.3f} (random: 0.5)")
+    print("AUROC for ranking clean rows above corrupted ones over the whole set (random: 0.5):")
+    for column, what in ((DEFAULT_SCORE, "the default"), ("gsnr", "the paper's G-SNR")):
+        print(f"  {column:<9} {auroc(np.asarray(scored[column], dtype=float), clean):.3f}  ({what})")
     if config.learning_rate == DEMO_LEARNING_RATE:
         print(f"(demo proxy LoRA learning rate {DEMO_LEARNING_RATE}; the paper's 5e-5 is meant for GPT-2)")
     return trainer, selected

@@ -28,7 +28,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, Mode
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .record import RECORD_NAME, GradientRecord
-from .scoring import DEFAULT_EPS, SCORE_COLUMNS, score_parts
+from .scoring import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def _write_card(folder: Path, card_cls, data, template: str, **kwargs) -> None:
     card.save(folder / "README.md")
 
 
-def selection_settings(record, *, score_column: str = "gsnr", ratio: float | None = None, **extra) -> dict:
+def selection_settings(record, *, score_column: str = DEFAULT_SCORE, ratio: float | None = None, **extra) -> dict:
     """The settings table of a run, read from a `GradientRecord` (or its file / the trainer's output dir)."""
     record = record if isinstance(record, GradientRecord) else GradientRecord.load(str(record))
     config = record.metadata.get("config", {})
@@ -253,11 +253,11 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     whose ``configs`` make ``load_dataset(folder)`` (or the repo) return exactly those splits.
 
     ``settings`` fills the selection table (see `selection_settings`); its ``score_column``
-    (default ``gsnr``) must be a column of ``scored``. With a ``group_column`` in ``settings`` (a
+    (default ``fit_rank``) must be a column of ``scored``. With a ``group_column`` in ``settings`` (a
     per-group selection, `selection.select_top`), the card also shows the rows each group kept in
     every split (`selection.group_counts`). Returns the folder path.
     """
-    score_column = (settings or {}).get("score_column") or "gsnr"
+    score_column = (settings or {}).get("score_column") or DEFAULT_SCORE
     group_column = (settings or {}).get("group_column")
     if group_column is not None and group_column not in scored.column_names:
         raise ValueError(f"Group column {group_column!r} is not in the scored dataset (columns: "

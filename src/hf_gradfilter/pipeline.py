@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cli import ScoreArguments
+from .scoring import DEFAULT_SCORE
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
@@ -47,9 +48,9 @@ class RunArguments(ScoreArguments):
     convention), next to every ``GradFilterConfig`` field (the proxy's training).
     """
 
-    score_column: str = field(default="gsnr", metadata={
-        "help": "Column to select by, higher kept (see `hf-gradfilter select --help`; ifd uses Superfiltering's "
-                "rule)."})
+    score_column: str = field(default=DEFAULT_SCORE, metadata={
+        "help": "Column to select by, higher kept: fit_rank (default), gsnr (the paper), ... (see `hf-gradfilter "
+                "select --help`; ifd uses Superfiltering's rule)."})
     ratio: list[float] = field(default_factory=lambda: [0.1], metadata={
         "help": "Fractions to keep, e.g. --ratio 0.05 0.10 0.15 (one scoring run, one target per ratio)."})
     group_column: str | None = field(default=None, metadata={

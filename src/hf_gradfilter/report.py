@@ -231,11 +231,11 @@ def _html(blocks, title: str) -> str:
 def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
     from .cli import failure_signatures
-    from .scoring import score_parts
+    from .scoring import DEFAULT_SCORE, score_parts
     from .trainer import _columns
 
     args, proxy = run["args"].get("run", {}), run["args"].get("proxy", {})
-    column = args.get("score_column", "gsnr")
+    column = args.get("score_column", DEFAULT_SCORE)
     rel = lambda name: os.path.join(os.path.basename(fig_dir), name)
     source = "embedded demo dataset" if args.get("demo") else args.get("dataset_name")
     proxy_name = "tiny demo GPT-2" if args.get("demo") else args.get("model_name_or_path")

@@ -1,4 +1,10 @@
-"""`GSNRScorer`: appends G-SNR columns to a dataset with ``dataset.map(scorer, batched=True)``."""
+"""`GSNRScorer`: appends G-SNR columns to a dataset with ``dataset.map(scorer, batched=True)``.
+
+The columns (`SCORER_COLUMNS`): ``fit_rank``, the default keep-score (`scoring.fit_rank`: low late
+gradient energy and low late proxy loss, by rank; docs/remedies.md shows why it is the default),
+then the paper's ``gsnr`` and its parts ``grad_early`` (G_s), ``grad_late`` (G_t), ``rel_drop``
+and ``ens_var_late`` (V_t).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,13 @@ import numpy as np
 
 from .formatting import InstructionFormat, row_hashes
 from .record import GradientRecord
-from .scoring import DEFAULT_EPS, SCORE_COLUMNS, score_parts
+from .scoring import DEFAULT_EPS, SCORE_COLUMNS, fit_rank, mean_loss, score_parts
+
+SCORER_COLUMNS = ("fit_rank", *SCORE_COLUMNS)
 
 
 class GSNRScorer:
-    """A batched `Dataset.map` function that appends `SCORE_COLUMNS` from a `GradientRecord`.
+    """A batched `Dataset.map` function that appends `SCORER_COLUMNS` from a `GradientRecord`.
 
     Rows are matched to the record by their ``example_id`` column when present, else by position
     (``with_indices=True``). Each row's content is hashed and compared with the record, so a record
@@ -35,6 +43,7 @@ class GSNRScorer:
         self.eps = eps
         self.verify = verify
         self.parts = score_parts(self.record.norms, self.early_epoch, self.late_epoch, eps)
+        self.parts["fit_rank"] = fit_rank(self.parts["grad_late"], mean_loss(self.record.losses, self.late_epoch))
         self.format = InstructionFormat(**self.record.metadata["format"]) if "format" in self.record.metadata else None
         ids = self.record.example_id
         self._position = None if np.array_equal(ids, np.arange(len(ids))) else {int(e): i for i, e in enumerate(ids)}
@@ -76,7 +85,7 @@ class GSNRScorer:
                     "gradient record was made from (content hash mismatch): the dataset changed after "
                     "scoring, or this record belongs to another dataset. Re-run scoring on this dataset."
                 )
-        return {name: self.parts[name][rows].tolist() for name in SCORE_COLUMNS}
+        return {name: self.parts[name][rows].tolist() for name in SCORER_COLUMNS}
 
     def check_dataset(self, dataset) -> None:
         """Refuse a dataset whose size differs from the record's."""

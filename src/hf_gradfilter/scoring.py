@@ -17,6 +17,10 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_EPS = 1e-8
+DEFAULT_SCORE = "fit_rank"
+"""The keep-score that selection uses unless told otherwise: `fit_rank` ranked clean rows above corrupted
+ones best in every setting of docs/remedies.md, where the paper's ``gsnr`` ranked them worse than random;
+``gsnr`` stays available by name."""
 SCORE_COLUMNS = ("gsnr", "grad_early", "grad_late", "rel_drop", "ens_var_late")
 
 
@@ -120,7 +124,7 @@ def gsnr_direction(gsnr_score: np.ndarray, cos_late: np.ndarray) -> np.ndarray:
 
 def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, late_epoch: int = 2,
                  eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The ablations and record baselines, ``(N,)`` float64 arrays keyed by `RECORD_COLUMNS`::
+    """The ablations and record baselines, ``(N,)`` float64 arrays keyed by `RECORD_COLUMNS` and ``fit_rank``::
 
         raw_drop      = G_s - G_t                  Alt 1
         var_drop      = (G_s - G_t) / (V_t + eps)  Alt 3
@@ -130,6 +134,8 @@ def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, la
         neg_var_late  = -V_t                       keep-score: low late ensemble variance
         cos_late      = C_t                        members' mean cosine with their mean gradient (`mean_cosine`)
         gsnr_dir      = G-SNR * (1 + sign(G-SNR) * C_t)   direction-aware G-SNR (`gsnr_direction`)
+        fit_rank      = (r(-G_t) + r(-L_t)) / 2    the default keep-score (`fit_rank`, docs/remedies.md;
+                                                   a `GSNRScorer` column)
 
     (Alt 2, ``rel_drop``, and G-SNR itself are in `score_parts`.) ``norms``, ``losses`` and ``cosines``
     are ``(N, M, E)``; ``cosines=None`` (a record without directions) gives NaN direction columns.
@@ -145,6 +151,7 @@ def record_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, la
     l_t = mean_loss(losses, late_epoch)
     c_t = mean_cosine(cosines, late_epoch)
     return {
+        "fit_rank": fit_rank(g_t, l_t),
         "raw_drop": raw_drop(g_s, g_t),
         "var_drop": variance_normalised_drop(g_s, g_t, v_t, eps),
         "loss_late": l_t,
@@ -181,21 +188,17 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def average_rank(x: np.ndarray) -> np.ndarray:
     """Ranks of ``x`` scaled to ``[0, 1]`` (0 = smallest), ties averaged, NaN kept as NaN: ``(N,) -> (N,)``.
 
-    ``r_i = (rank_i - 1) / (K - 1)`` over the K finite values (1-based ranks, a tie shares the mean of its
-    ranks); a single finite value gets 0.5.
+    ``r_i = (rank_i - 1) / (K - 1)`` over the K finite values (1-based `metrics.average_ranks`, a tie
+    shares the mean of its ranks); a single finite value gets 0.5.
     """
+    from .metrics import average_ranks
+
     x = np.asarray(x, dtype=np.float64)
     out = np.full(x.shape, np.nan)
     ok = np.isfinite(x)
     k = int(ok.sum())
-    if k == 0:
-        return out
-    values = x[ok]
-    order = np.argsort(values, kind="mergesort")
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    ranks = np.empty(k)
-    ranks[order] = np.repeat(first + (counts - 1) / 2.0, counts)  # 0-based average ranks
-    out[ok] = ranks / (k - 1) if k > 1 else 0.5
+    if k:
+        out[ok] = (average_ranks(x[ok]) - 1) / (k - 1) if k > 1 else 0.5
     return out
 
 

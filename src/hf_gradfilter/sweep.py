@@ -41,7 +41,7 @@ from .scoring import (
     score_parts,
 )
 
-SWEEP_SCORES = tuple(dict.fromkeys(SCORE_COLUMNS + RECORD_COLUMNS))
+SWEEP_SCORES = tuple(dict.fromkeys(("fit_rank",) + SCORE_COLUMNS + RECORD_COLUMNS))
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,12 @@ def run(args: RunArguments, config) -> dict:
         json.dump(statuses, f, indent=1)
     paths = write_report(out)
     print("\nStages: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
+    for name, folder in targets.items():
+        with open(os.path.join(folder, "eval_metrics.json")) as f:
+            metrics = json.load(f)
+        held_out = metrics.get("final_eval_loss")
+        print(f"Target trained on {name} ({metrics['train_rows']} rows): final training loss "
+              f"{metrics.get('final_train_loss')}" + (f", held-out loss {held_out:.4f}" if held_out else ""))
     print(f"Report: {paths['html']}  (markdown: {paths['md']})")
     return statuses
 

@@ -15,7 +15,7 @@ from hf_gradfilter.cli import main
 
 TINY_RUN = {"demo": True, "demo_rows": 80, "demo_pretrain_rows": 200, "demo_pretrain_epochs": 1, "num_members": 2,
             "lora_r": 4, "max_length": 256, "disable_tqdm": True, "use_cpu": True, "logging_steps": 1,
-            "ratio": [0.25], "target_max_steps": 2, "target_eval_steps": 2, "eval_max_rows": 8}
+            "ratio": [0.25], "group_mode": "global", "target_max_steps": 2, "target_eval_steps": 2, "eval_max_rows": 8}
 
 
 def statuses(out) -> dict:

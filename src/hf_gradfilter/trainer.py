@@ -90,6 +90,18 @@ def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
     return dataset.with_format("numpy", columns=names)[:]
 
 
+def _int_columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
+    """Whole integer or bool columns without nulls as writable numpy arrays, read from Arrow: one
+    copy of each at most. (`_columns`' "numpy" format goes through a list of Python ints per column,
+    ~40 bytes a row that the allocator keeps after they are freed, and turns floats into float32.)"""
+    table = dataset.with_format("arrow", columns=names)[:]
+    out = {}
+    for name in names:
+        array = table.column(name).to_numpy()
+        out[name] = array if array.flags.writeable else array.copy()
+    return out
+
+
 def _num_repeats(values: np.ndarray) -> int:
     """How many entries equal an earlier one (``len(values) - len(np.unique(values))``, with one sorted copy)."""
     ordered = np.sort(values)
@@ -335,11 +347,11 @@ class GradFilterTrainer(Trainer):
         self.tokenized = tokenized
         self.instruction_format = fmt
         # Whole columns, each read once and dropped when counted: only example_id and row_hash stay (in the record).
-        columns = _columns(tokenized, ["num_response_tokens", "empty_response", "truncated"])
+        columns = _int_columns(tokenized, ["num_response_tokens", "empty_response", "truncated"])
         trainable = np.flatnonzero(columns["num_response_tokens"] > 0)
         num_empty, num_truncated = int(np.sum(columns["empty_response"])), int(np.sum(columns["truncated"]))
         del columns
-        columns = _columns(tokenized, ["example_id", "row_hash"])
+        columns = _int_columns(tokenized, ["example_id", "row_hash"])
         hashes = columns["row_hash"].astype(np.int64, copy=False)
         # Policies and how the counts relate: the "Odd input" section of `formatting`'s docstring.
         self.data_stats = {
@@ -421,7 +433,7 @@ class GradFilterTrainer(Trainer):
         self.sampler = MemberSampler(
             len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
             a.data_seed if a.data_seed is not None else a.seed,
-            lengths=(_columns(self.train_dataset, ["length"])["length"]
+            lengths=(_int_columns(self.train_dataset, ["length"])["length"]
                      if a.train_sampling_strategy == "group_by_length" else None),
             num_replicas=a.world_size, rank=a.process_index)
         return _EpochLoader(_Rows(self.train_dataset), batch_sampler=self.sampler, collate_fn=self.data_collator,
@@ -600,7 +612,7 @@ class GradFilterTrainer(Trainer):
         """
         size = self.args.per_device_eval_batch_size * self.args.world_size
         if getattr(self, "_by_length", None) is None:  # computed once, kept as int32: 4 bytes a row
-            order = np.argsort(-_columns(self.train_dataset, ["length"])["length"], kind="stable")
+            order = np.argsort(-_int_columns(self.train_dataset, ["length"])["length"], kind="stable")
             self._by_length = order.astype(np.int32) if len(order) < 2**31 else order
         order = self._by_length
         batches = [order[i : i + size] for i in range(0, len(order), size)]

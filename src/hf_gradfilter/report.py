@@ -45,16 +45,17 @@ def _short(value, width: int = 160) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------------
 
-def display_scale(values: np.ndarray, name: str):
+def display_scale(values: np.ndarray, name: str, allow_log: bool = True):
     """How to show a column on a histogram axis: ``(transform, axis label)``.
 
-    Positive columns (energies, variances) spanning more than 100x are shown as log10; signed
+    Positive columns (energies, variances) spanning more than 100x are shown as log10 (unless
+    ``allow_log`` is False: the score column, whose cut is read on its own scale); signed
     columns with a heavy tail (max |x| over 1000x the median |x|, as G-SNR's division makes them)
     as sign(x) log10(1 + |x| / m), m = median |x|; others as they are.
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
-    if v.size and (v > 0).all() and v.max() > 100 * v.min():
+    if allow_log and v.size and (v > 0).all() and v.max() > 100 * v.min():
         return np.log10, f"log10 {name}"
     m = float(np.median(np.abs(v))) if v.size else 0.0
     if v.size and m > 0 and np.abs(v).max() > 1000 * m:
@@ -74,7 +75,7 @@ def score_histograms(columns: dict[str, np.ndarray], selected: np.ndarray, cuts:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
         values = np.asarray(columns[name], dtype=np.float64)
-        transform, label = display_scale(values, name)
+        transform, label = display_scale(values, name, allow_log=name != score_column)
         with np.errstate(all="ignore"):
             shown = transform(values)
         ok = np.isfinite(shown)

@@ -34,11 +34,11 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(out)}))
     assert main(["run", "--config", str(config)]) == 0
     first = statuses(out)
-    assert first == {"score": "ran", "select/gsnr_top25pct": "ran", "select/random_top25pct": "ran",
-                     "finetune/gsnr_top25pct": "ran", "finetune/random_top25pct": "ran"}
+    assert first == {"score": "ran", "select/fit_rank_top25pct": "ran", "select/random_top25pct": "ran",
+                     "finetune/fit_rank_top25pct": "ran", "finetune/random_top25pct": "ran"}
     assert (out / "score" / "gradient_record.safetensors").exists() and (out / "score" / "member_1").is_dir()
     assert (out / "score" / "scored" / "dataset_info.json").exists()
-    for name in ("gsnr_top25pct", "random_top25pct"):
+    for name in ("fit_rank_top25pct", "random_top25pct"):
         stats = json.loads((out / "select" / name / "stats.json").read_text())
         assert stats["num_selected"] == 20 and len(np.load(out / "select" / name / "positions.npy")) == 20
         target = out / "finetune" / name
@@ -57,20 +57,20 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     assert (out / "score" / "stage.json").stat().st_mtime_ns == mtime
 
     assert main(["run", "--config", str(config), "--ratio", "0.5"]) == 0  # a flag overrides the file
-    assert statuses(out) == {"score": "skipped", "select/gsnr_top50pct": "ran", "select/random_top50pct": "ran",
-                             "finetune/gsnr_top50pct": "ran", "finetune/random_top50pct": "ran"}
-    assert json.loads((out / "select" / "gsnr_top50pct" / "stats.json").read_text())["num_selected"] == 40
+    assert statuses(out) == {"score": "skipped", "select/fit_rank_top50pct": "ran", "select/random_top50pct": "ran",
+                             "finetune/fit_rank_top50pct": "ran", "finetune/random_top50pct": "ran"}
+    assert json.loads((out / "select" / "fit_rank_top50pct" / "stats.json").read_text())["num_selected"] == 40
 
     # a crash inside a stage leaves it incomplete: the next run redoes that stage only
-    state = out / "finetune" / "gsnr_top50pct" / "stage.json"
+    state = out / "finetune" / "fit_rank_top50pct" / "stage.json"
     state.write_text(state.read_text().replace('"complete": true', '"complete": false'))
     assert main(["run", "--config", str(config), "--ratio", "0.5"]) == 0
-    assert [k for k, v in statuses(out).items() if v == "ran"] == ["finetune/gsnr_top50pct"]
+    assert [k for k, v in statuses(out).items() if v == "ran"] == ["finetune/fit_rank_top50pct"]
 
     # `report` rebuilds the report from the files alone
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
-    assert "gsnr_top50pct" in (out / "report.md").read_text()
+    assert "fit_rank_top50pct" in (out / "report.md").read_text()
 
     # publishing is one more stage: the data with every selection, and each target adapter
     from hf_gradfilter import hub
@@ -84,7 +84,7 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     assert main(["run", "--config", str(config), "--ratio", "0.25", "0.5", *hub_flags]) == 0
     assert [k for k, v in statuses(out).items() if v == "ran"] == ["push"]
     assert pushed[0] == ("me/data", 80, {"top_25pct": 20, "top_50pct": 40})
-    assert sorted(pushed[1:]) == [("me/target-top25pct", "gsnr_top25pct"), ("me/target-top50pct", "gsnr_top50pct")]
+    assert sorted(pushed[1:]) == [("me/target-top25pct", "fit_rank_top25pct"), ("me/target-top50pct", "fit_rank_top50pct")]
     assert "me/target-top25pct" in (out / "report.md").read_text()
 
 

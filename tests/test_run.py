@@ -182,7 +182,7 @@ def test_example_run_configs_parse_into_the_run_arguments(name):
         assert config.learning_rate == keys["learning_rate"] and args.target_model == keys["target_model"]
 
 
-def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_a_random_subset_of_the_same_size(tmp_path):
+def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_random_rows_of_the_same_groups(tmp_path):
     from datasets import Dataset
 
     from hf_gradfilter.pipeline import RunArguments, _select
@@ -195,4 +195,6 @@ def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_a_random_sub
         _select(str(tmp_path / "scored"), str(tmp_path / f"{column}_top10pct"), column, 0.1, args, seed=0)
     kept = np.load(tmp_path / "gsnr_top10pct" / "positions.npy")
     assert kept.tolist() == list(range(9)) + [90] + [98]  # round(0.1 * n_g), at least 1, per group
-    assert len(np.load(tmp_path / "random_top10pct" / "positions.npy")) == 11
+    drawn = np.load(tmp_path / "random_top10pct" / "positions.npy")  # the same count from every group
+    assert sorted(np.asarray(groups)[drawn].tolist()) == sorted(np.asarray(groups)[kept].tolist())
+    assert drawn.tolist() != kept.tolist()

@@ -59,7 +59,8 @@ class RunArguments(ScoreArguments):
     group_mode: str = field(default="global", metadata={"help": "global or per_group (see `select --help`).",
                                                         "choices": ["global", "per_group"]})
     baseline_random: bool = field(default=False, metadata={
-        "help": "Also fine-tune the target on a random subset of the same size (seeded), for comparison."})
+        "help": "Also fine-tune the target on a random subset of the same size (seeded; with --group_mode "
+                "per_group, as many rows of each group as the selection kept), for comparison."})
     skip_finetune: bool = field(default=False, metadata={"help": "Stop after selection (and the report)."})
     target_model: str = field(default="meta-llama/Llama-2-7b-hf", metadata={
         "help": "Target causal LM to fine-tune on each selection (with --demo: a tiny Llama built offline)."})
@@ -240,7 +241,7 @@ def run(args: RunArguments, config) -> dict:
             name = tag(column, ratio)
             stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
-                "group": [args.group_column, args.group_mode] if column != "random" else None,
+                "group": [args.group_column, args.group_mode],
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
             work = (lambda s=stage, c=column, r=ratio: _select(scored_path, s.folder, c, r, args, config.seed))
@@ -297,11 +298,21 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
 
     scored = load_rows(scored_path)
     n = len(scored)
-    if column == "random":
-        with open(os.path.join(os.path.dirname(folder), tag(args.score_column, ratio), "stats.json")) as f:
+    if column == "random":  # as many rows as the main selection; per group, as many of each group
+        main = os.path.join(os.path.dirname(folder), tag(args.score_column, ratio))
+        with open(os.path.join(main, "stats.json")) as f:
             k = json.load(f)["num_selected"]
-        positions = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-        stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed}
+        rng = np.random.default_rng(seed)
+        if args.group_column is not None and args.group_mode == "per_group":
+            groups = np.asarray([str(g) for g in scored[args.group_column]])
+            kept = groups[np.load(os.path.join(main, "positions.npy"))]
+            positions = np.sort(np.concatenate([
+                rng.choice(np.flatnonzero(groups == g), size=int((kept == g).sum()), replace=False)
+                for g in sorted(set(kept.tolist()))]))
+        else:
+            positions = np.sort(rng.choice(n, size=k, replace=False))
+        stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed,
+                 "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
         from .baselines import superfiltering_select
         from .selection import select_top

@@ -209,3 +209,11 @@ def test_dataset_card_shows_what_each_group_kept(mixture, tmp_path):
         assert text in card, text
     with pytest.raises(ValueError, match="Group column 'source' is not in the scored dataset"):
         hub.build_dataset_repo(tmp_path / "other", data, {"top": per_group}, settings={"group_column": "source"})
+
+
+def test_ifd_per_group_never_keeps_rows_with_ifd_at_or_above_one():
+    from hf_gradfilter.baselines import select_rows
+
+    rows = Dataset.from_dict({"task": ["a"] * 4 + ["b"] * 4, "ifd": [1.5, 0.9, 0.2, 0.5, 0.3, 2.0, 0.8, 1.0]})
+    selected, stats = select_rows(rows, "ifd", fraction=0.5, group_column="task", group_mode="per_group")
+    assert selected["ifd"] == [0.9, 0.5, 0.3, 0.8] and stats["score_column"] == "ifd"

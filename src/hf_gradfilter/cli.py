@@ -397,7 +397,8 @@ def parse_quotas(items: list[str]) -> dict[str, int | float]:
 
 
 def select(args: SelectArguments):
-    from .selection import format_group_table, select_top
+    from .baselines import select_rows
+    from .selection import format_group_table
 
     quotas = parse_quotas(args.quota)
     if quotas and args.group_mode != "quota":
@@ -409,23 +410,8 @@ def select(args: SelectArguments):
     if args.ratio is not None and args.top_k is not None:
         raise ValueError("Pass either --ratio or --top_k, not both.")
     scored = load_rows(args.scored)
-    group = {"group_column": args.group_column, "group_mode": args.group_mode, "quotas": quotas or None}
-    if args.score_column == "ifd" and args.group_column is None:  # Superfiltering: drop IFD >= 1, keep the highest
-        from .baselines import superfiltering_select
-
-        if args.top_k is not None:
-            raise ValueError("--score_column ifd selects by --ratio (Superfiltering's rule), not --top_k.")
-        selected, stats = superfiltering_select(scored, args.ratio)
-    elif args.score_column == "ifd":  # Superfiltering's rule within groups: rows with IFD >= 1 are never kept
-        if "ifd" not in scored.column_names:
-            raise ValueError(f"Column 'ifd' is not in {args.scored} (columns: {scored.column_names}); score it "
-                             "with `hf-gradfilter score --extra_scores ifd` first.")
-        ifd = np.asarray(scored["ifd"], dtype=np.float64)
-        masked = scored.add_column("ifd_below_1", np.where(ifd >= 1, np.nan, ifd).tolist())
-        selected, stats = select_top(masked, "ifd_below_1", fraction=args.ratio, k=args.top_k, **group)
-        selected, stats = selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}
-    else:
-        selected, stats = select_top(scored, args.score_column, fraction=args.ratio, k=args.top_k, **group)
+    selected, stats = select_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
+                                  group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None)
     if args.group_mode == "quota":
         tag = f"quota_{args.group_column}_top{stats['num_selected']}"
     else:

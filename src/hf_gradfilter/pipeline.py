@@ -289,10 +289,10 @@ def _score(args: RunArguments, config, folder: str) -> dict:
 
 
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
-    """Keep the top ``ratio`` by ``column`` (``ifd``: Superfiltering's rule; ``random``: as many rows as the
-    ``args.score_column`` selection, drawn uniformly; ``args.group_column``: per group). Writes ``data/``,
-    ``positions.npy`` (rows of the scored
-    set, ascending) and ``stats.json``."""
+    """Keep the top ``ratio`` by ``column`` (`baselines.select_rows`: ``ifd`` follows Superfiltering's rule;
+    ``args.group_column``: per group), or for ``random`` as many rows as the ``args.score_column`` selection,
+    drawn uniformly (per group, as many of each group). Writes ``data/``, ``positions.npy`` (rows of the
+    scored set, ascending) and ``stats.json``."""
     from .cli import load_rows
     from .trainer import _columns
 
@@ -314,18 +314,11 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
         stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed,
                  "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
-        from .baselines import superfiltering_select
-        from .selection import select_top
+        from .baselines import select_rows
 
         with_pos = scored.add_column("_position", np.arange(n))
-        if column == "ifd" and args.group_column is None:  # Superfiltering's rule: drop IFD >= 1, keep the highest
-            selected, stats = superfiltering_select(with_pos, ratio)
-        else:
-            if column == "ifd":  # per group, rows with IFD >= 1 are never kept either
-                ifd = np.asarray(_columns(with_pos, ["ifd"])["ifd"], dtype=np.float64)
-                with_pos, column = with_pos.add_column("ifd_below_1", np.where(ifd >= 1, np.nan, ifd)), "ifd_below_1"
-            selected, stats = select_top(with_pos, column, fraction=ratio, group_column=args.group_column,
-                                         group_mode=args.group_mode)
+        selected, stats = select_rows(with_pos, column, fraction=ratio, group_column=args.group_column,
+                                      group_mode=args.group_mode)
         positions = np.sort(_columns(selected, ["_position"])["_position"])
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)

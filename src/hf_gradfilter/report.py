@@ -166,15 +166,15 @@ def _selected_mask(n: int, sel_folder: str) -> np.ndarray:
 
 
 def label_breakdown(scored, mask: np.ndarray, column: str) -> list[list]:
-    """Rows ``[value, rows, kept, kept share of its rows, share of the selection, share of the data]``."""
-    values = np.asarray([str(v) for v in scored[column]])
-    n, k = len(values), max(int(mask.sum()), 1)
-    rows = []
-    for value in sorted(set(values.tolist())):
-        of = values == value
-        kept = int((of & mask).sum())
-        rows.append([value, int(of.sum()), kept, f"{kept / of.sum():.1%}", f"{kept / k:.1%}", f"{of.sum() / n:.1%}"])
-    return rows
+    """Rows ``[value, rows, kept, kept share of its rows, share of the selection, share of the data]``
+    (`selection.group_counts`)."""
+    from .selection import group_counts
+
+    values = list(scored[column])
+    n = len(values)
+    return [[g["group"], g["rows"], g["kept"], f"{g['share']:.1%}", f"{g['selection_share']:.1%}",
+             f"{g['rows'] / n:.1%}"]
+            for g in group_counts(values, [values[i] for i in np.flatnonzero(mask)])]
 
 
 # ---- blocks -> markdown / html -------------------------------------------------------------------

@@ -56,12 +56,20 @@ class PeakSampler:
         return max(self.peak, rss_mb())
 
 
-def child(n: int, members: int, epochs: int, batch: int, workdir: str) -> dict:
+def child(n: int, members: int, epochs: int, batch: int, workdir: str, in_memory: bool = False) -> dict:
     import numpy as np
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hf_gradfilter import GradFilterConfig, GradFilterTrainer
+    from hf_gradfilter import GradFilterConfig, GradFilterTrainer, record, trainer as trainer_module
+
+    if in_memory:  # the comparison: every record array in anonymous memory, as before the record had files
+        in_ram = record.file_array
+
+        def file_array(shape, dtype, fill, directory=None):
+            return in_ram(shape, dtype, fill, None)
+
+        record.file_array = trainer_module.file_array = file_array
 
     baseline = rss_mb()
     sampler = PeakSampler()
@@ -111,27 +119,44 @@ def main():
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--in_memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.members, args.epochs, args.batch, args.workdir)))
+        print(json.dumps(child(args.child, args.members, args.epochs, args.batch, args.workdir, args.in_memory)))
         return
     lines = [f"Command: python benchmarks/memory.py --sizes {' '.join(map(str, args.sizes))} --members "
              f"{args.members} --epochs {args.epochs} --batch {args.batch}", "",
-             "| rows | peak RssAnon above baseline (MB) | record: norms, losses, cosines, ids, hashes (MB) | peak / record | MB per 1k rows "
-             "| peak VmRSS incl. mapped files (MB) |",
+             "| rows | record: norms, losses, cosines, ids, hashes (MB) | peak RssAnon above baseline, record in "
+             "files (MB) | peak / record | same, record in memory (MB) | peak VmRSS incl. mapped files, record in "
+             "files (MB) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    results = []
     for n in args.sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--members",
-                                  str(args.members), "--epochs", str(args.epochs), "--batch", str(args.batch)],
-                                 capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        line = (f"| {n:,} | {r['peak_above_baseline_mb']:.0f} | {r['record_mb']:.1f} | "
-                f"{r['peak_above_baseline_mb'] / r['record_mb']:.1f} | {1000 * r['peak_above_baseline_mb'] / n:.2f} | "
-                f"{r['peak_rss_total_mb']:.0f} |")
+        pair = []
+        for in_memory in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--members",
+                                      str(args.members), "--epochs", str(args.epochs), "--batch", str(args.batch)]
+                                     + ["--in_memory"] * in_memory, capture_output=True, text=True, check=True)
+            pair.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        files, memory = pair
+        results.append(pair)
+        line = (f"| {n:,} | {files['record_mb']:.1f} | {files['peak_above_baseline_mb']:.0f} | "
+                f"{files['peak_above_baseline_mb'] / files['record_mb']:.2f} | {memory['peak_above_baseline_mb']:.0f} | "
+                f"{files['peak_rss_total_mb']:.0f} |")
         lines.append(line)
         print(line, flush=True)
+    if len(results) > 1:
+        (first, first_mem), (last, last_mem) = results[0], results[-1]
+        record_growth = last["record_mb"] - first["record_mb"]
+        summary = (f"\nFrom {args.sizes[0]:,} to {args.sizes[-1]:,} rows the record grows by {record_growth:.0f} MB; "
+                   f"peak RssAnon grows by {last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']:.0f} MB "
+                   f"with the record in files ({(last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']) / record_growth:.2f}x "
+                   f"the record's growth) and by {last_mem['peak_above_baseline_mb'] - first_mem['peak_above_baseline_mb']:.0f} MB "
+                   "with it in memory.")
+        lines.append(summary)
+        print(summary, flush=True)
     if args.output:
         with open(args.output, "w") as f:
             f.write("# Peak host memory of scoring\n\n" + "\n".join(lines) + "\n")

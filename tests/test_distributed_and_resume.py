@@ -1,4 +1,5 @@
-"""Scoring under torchrun (2 CPU processes, gloo) equals 1 process; a SIGKILLed run resumes to the same record."""
+"""Scoring under torchrun or accelerate launch (2 CPU processes, gloo) equals 1 process; a SIGKILLed
+run resumes to the same record."""
 
 from __future__ import annotations
 
@@ -25,21 +26,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def score(out, *extra, processes=1):
+def score(out, *extra, processes=1, launcher="torchrun"):
     if processes == 1:
         cmd = [sys.executable, SCRIPT]
-    else:
+    elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT]
+    else:  # `--multi_gpu` picks accelerate's torch.distributed launcher; with no GPU the processes use gloo on CPU
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", SCRIPT]
     subprocess.run(cmd + ["--output_dir", str(out), *extra], check=True, env=ENV, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return GradientRecord.load(str(out))
 
 
-@pytest.mark.parametrize("mode", ["train", "snapshot"])
-def test_two_processes_give_the_single_process_record_and_selection(mode, tmp_path):
+@pytest.mark.parametrize("mode, launcher", [("train", "torchrun"), ("snapshot", "torchrun"), ("train", "accelerate")])
+def test_two_processes_give_the_single_process_record_and_selection(mode, launcher, tmp_path):
     single = score(tmp_path / "one", "--batch", "4", "--record_mode", mode)
-    double = score(tmp_path / "two", "--batch", "2", "--record_mode", mode, processes=2)
+    # 20 values per all-reduce = 5 rows of 2 members x 2 epochs: the merge runs in 8 blocks of rows
+    double = score(tmp_path / "two", "--batch", "2", "--record_mode", mode, "--gather_chunk", "20", processes=2,
+                   launcher=launcher)
     assert np.isfinite(double.norms).all()  # every example, member and epoch recorded (exactly once: else it raises)
     np.testing.assert_allclose(double.norms, single.norms, rtol=1e-4)
     np.testing.assert_allclose(double.losses, single.losses, rtol=1e-4)

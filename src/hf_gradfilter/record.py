@@ -4,6 +4,10 @@ Saved as one safetensors file (no pickle): tensors ``norms``, ``losses`` and ``c
 ``(N, M, E)`` (float32, NaN where an example has no value), ``example_id`` and ``row_hash`` of
 shape ``(N,)`` (int64), and JSON metadata (the config, the data format, the dataset fingerprint).
 Records written before ``cosines`` existed load with an all-NaN ``cosines``.
+
+Large records need not live in anonymous memory: `GradientRecord.empty` can put the arrays in
+unnamed temporary files (``np.memmap``; the trainer does, in its output directory), and
+``GradientRecord.load(path, mmap=True)`` maps a saved record read-only instead of reading it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,15 +63,19 @@ class GradientRecord:
             raise ValueError(f"example_id {self.example_id.shape} and row_hash {self.row_hash.shape} must be ({n},).")
 
     @classmethod
-    def empty(cls, example_id, row_hash, num_members: int, num_epochs: int, metadata=None) -> GradientRecord:
-        n = len(example_id)
-        return cls(
-            norms=np.full((n, num_members, num_epochs), np.nan, dtype=np.float32),
-            losses=np.full((n, num_members, num_epochs), np.nan, dtype=np.float32),
-            example_id=np.asarray(example_id, dtype=np.int64),
-            row_hash=np.asarray(row_hash, dtype=np.int64),
-            metadata=dict(metadata or {}),
-        )
+    def empty(cls, example_id, row_hash, num_members: int, num_epochs: int, metadata=None,
+              directory: str | None = None) -> GradientRecord:
+        """An all-NaN record for the rows ``example_id`` / ``row_hash`` (copied in).
+
+        With ``directory``, every array is an ``np.memmap`` on an unnamed temporary file there (see
+        `file_array`): the record is written to disk as it fills, its pages are the kernel's to
+        write back and drop, and nothing is left behind when the process ends, killed or not.
+        """
+        n, shape = len(example_id), (len(example_id), num_members, num_epochs)
+        arrays = [file_array(shape, np.float32, np.nan, directory) for _ in range(3)]
+        ids = [file_array((n,), np.int64, 0, directory) for _ in range(2)]
+        ids[0][:], ids[1][:] = example_id, row_hash
+        return cls(arrays[0], arrays[1], ids[0], ids[1], dict(metadata or {}), arrays[2])
 
     @property
     def num_examples(self) -> int:
@@ -82,7 +92,7 @@ class GradientRecord:
     @property
     def fingerprint(self) -> str:
         """Content fingerprint of the scored rows: a hash of all row hashes, in order."""
-        return hashlib.sha256(np.ascontiguousarray(self.row_hash).tobytes()).hexdigest()[:16]
+        return hashlib.sha256(np.ascontiguousarray(self.row_hash, dtype=np.int64).view(np.uint8)).hexdigest()[:16]
 
     def save(self, path: str) -> str:
         """Write to ``path`` (a directory gets `RECORD_NAME`); atomically, so a crash leaves the old file."""
@@ -103,13 +113,58 @@ class GradientRecord:
         return path
 
     @classmethod
-    def load(cls, path: str) -> GradientRecord:
+    def load(cls, path: str, mmap: bool = False) -> GradientRecord:
+        """Read the record at ``path`` (a directory or a ``.safetensors`` file); with ``mmap``, map its
+        arrays read-only from the file instead (`mmap_safetensors`)."""
         path = _record_file(path)
-        tensors = load_file(path)
+        tensors = mmap_safetensors(path) if mmap else load_file(path)
         with safe_open(path, framework="numpy") as f:
             meta = json.loads((f.metadata() or {}).get("hf_gradfilter", "{}"))
         return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta,
                    tensors.get("cosines"))
+
+
+def file_array(shape: tuple[int, ...], dtype, fill, directory: str | None = None) -> np.ndarray:
+    """A ``shape`` array filled with ``fill``: in memory, or with ``directory`` an ``np.memmap`` on an
+    unnamed temporary file in it (``tempfile.TemporaryFile``: unlinked at once on POSIX, so the space
+    comes back when the process ends however it ends; nothing to clean up, nothing to resume from)."""
+    if directory is None:
+        return np.full(shape, fill, dtype=dtype)
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory, prefix="hf_gradfilter_record_") as f:
+        if int(np.prod(shape)) == 0:
+            return np.full(shape, fill, dtype=dtype)
+        array = np.memmap(f, dtype=dtype, mode="w+", shape=shape)  # keeps its own mapping after f closes
+    array.fill(fill)
+    return array
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def mmap_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors file ``path`` as a read-only ``np.memmap`` (no copy, no pickle).
+
+    The format: an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range ``data_offsets`` relative to the end of the header, then the data.
+    (safetensors' own ``safe_open(...).get_tensor`` copies each tensor into memory.)
+    """
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]]).newbyteorder("<")
+        start, end = spec["data_offsets"]
+        shape = tuple(spec["shape"])
+        if end == start:
+            out[name] = np.zeros(shape, dtype=dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape)
+    return out
 
 
 def _record_file(path: str) -> str:
@@ -121,10 +176,9 @@ def _record_file(path: str) -> str:
 
 
 def read_record_arrays(path: str, names):
-    """Yield ``(name, array)`` for each of ``names`` that the record at ``path`` holds, one array at
-    a time, so a caller copying them into place never holds a second whole record."""
-    with safe_open(_record_file(path), framework="numpy") as f:
-        stored = set(f.keys())
-        for name in names:
-            if name in stored:
-                yield name, f.get_tensor(name)
+    """Yield ``(name, array)`` for each of ``names`` that the record at ``path`` holds, mapped
+    read-only from the file, so a caller copying them into place never holds a second record."""
+    arrays = mmap_safetensors(_record_file(path))
+    for name in names:
+        if name in arrays:
+            yield name, arrays[name]

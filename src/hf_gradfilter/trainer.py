@@ -26,6 +26,11 @@ it exists in every epoch including the first, and in snapshot mode it is taken a
 as the gradient it is compared with. Under several processes each batch's gradient sum is summed
 over processes (one all-reduce of a member's LoRA size per member batch), so the reference is the
 global one. Extra memory: M LoRA-sized references and one batch sum.
+
+Host memory: the record is never held in memory. Its arrays are ``np.memmap`` on unnamed temporary
+files in ``output_dir`` (gone when the process ends), filled as batches are recorded and saved
+from the mapping; the dataset's columns are read in chunks of rows; what grows with the dataset
+is each member's data order (4 bytes a row, `MemberSampler.order`). See docs/memory.md.
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ from transformers.utils import logging
 from .config import GradFilterConfig
 from .formatting import tokenize_dataset
 from .norms import LoraNormRecorder
-from .record import GradientRecord, read_record_arrays
+from .record import GradientRecord, file_array, read_record_arrays
 
 logger = logging.get_logger(__name__)
 
 MEMBER_PREFIX = "member_"
 DIRECTIONS_NAME = "gradfilter_directions.safetensors"  # checkpoints: the reference directions in progress
+COLUMN_CHUNK_ROWS = 1 << 16  # rows per read when the trainer scans its integer columns
+GATHER_CHUNK_VALUES = 1 << 20  # values per all-reduce when merging the processes' records (4 MB of float32)
 
 
 def member_name(m: int) -> str:
@@ -90,15 +97,27 @@ def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
     return dataset.with_format("numpy", columns=names)[:]
 
 
+def _column_chunks(dataset, names: list[str], chunk_rows: int | None = None):
+    """Yield ``(start, {name: array})`` over ``dataset``'s integer or bool columns without nulls, read
+    from Arrow ``chunk_rows`` rows at a time: memory stays a chunk, whatever the dataset's size.
+    (`_columns`' "numpy" format goes through a list of Python ints per whole column, ~40 bytes a row
+    that the allocator keeps after they are freed, and turns floats into float32.)"""
+    start = 0
+    for table in dataset.with_format("arrow", columns=names).iter(batch_size=chunk_rows or COLUMN_CHUNK_ROWS):
+        yield start, {name: table.column(name).to_numpy() for name in names}
+        start += table.num_rows
+
+
 def _int_columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
-    """Whole integer or bool columns without nulls as writable numpy arrays, read from Arrow: one
-    copy of each at most. (`_columns`' "numpy" format goes through a list of Python ints per column,
-    ~40 bytes a row that the allocator keeps after they are freed, and turns floats into float32.)"""
-    table = dataset.with_format("arrow", columns=names)[:]
-    out = {}
-    for name in names:
-        array = table.column(name).to_numpy()
-        out[name] = array if array.flags.writeable else array.copy()
+    """Whole integer or bool columns without nulls as writable numpy arrays, filled chunk by chunk
+    (`_column_chunks`): one copy of each, no whole-column temporaries."""
+    n = len(dataset)
+    out = {name: np.empty(0, dtype=np.int64) for name in names} if n == 0 else {}
+    for start, chunk in _column_chunks(dataset, names):
+        for name, values in chunk.items():
+            if name not in out:
+                out[name] = np.empty(n, dtype=values.dtype)
+            out[name][start : start + len(values)] = values
     return out
 
 
@@ -346,18 +365,26 @@ class GradFilterTrainer(Trainer):
         tokenized, fmt = tokenize_dataset(train_dataset, tokenizer, args.instruction_format, args.max_length)
         self.tokenized = tokenized
         self.instruction_format = fmt
-        # Whole columns, each read once and dropped when counted: only example_id and row_hash stay (in the record).
-        columns = _int_columns(tokenized, ["num_response_tokens", "empty_response", "truncated"])
-        trainable = np.flatnonzero(columns["num_response_tokens"] > 0)
-        num_empty, num_truncated = int(np.sum(columns["empty_response"])), int(np.sum(columns["truncated"]))
-        del columns
-        columns = _int_columns(tokenized, ["example_id", "row_hash"])
-        hashes = columns["row_hash"].astype(np.int64, copy=False)
+        # One pass over the columns in chunks of rows: counts, the trainable rows, and each row's id and
+        # hash, written straight into files (the record's; see `GradientRecord.empty`).
+        n = len(tokenized)
+        index_dtype = np.int32 if n < 2**31 else np.int64
+        ids, hashes = (file_array((n,), np.int64, 0, args.output_dir) for _ in range(2))
+        keep, num_empty, num_truncated = [], 0, 0
+        names = ["example_id", "row_hash", "num_response_tokens", "empty_response", "truncated"]
+        for start, chunk in _column_chunks(tokenized, names):
+            stop = start + len(chunk["example_id"])
+            ids[start:stop], hashes[start:stop] = chunk["example_id"], chunk["row_hash"]
+            keep.append(np.flatnonzero(chunk["num_response_tokens"] > 0).astype(index_dtype) + index_dtype(start))
+            num_empty += int(np.count_nonzero(chunk["empty_response"]))
+            num_truncated += int(np.count_nonzero(chunk["truncated"]))
+        trainable = np.concatenate(keep) if keep else np.empty(0, dtype=index_dtype)
+        del keep
         # Policies and how the counts relate: the "Odd input" section of `formatting`'s docstring.
         self.data_stats = {
-            "num_rows": len(tokenized),
+            "num_rows": n,
             "num_truncated": num_truncated,
-            "num_no_response": int(len(tokenized) - len(trainable)),  # includes the empty-response rows
+            "num_no_response": int(n - len(trainable)),  # includes the empty-response rows
             "num_empty_response": num_empty,
             "num_duplicate_rows": _num_repeats(hashes),  # rows whose row_hash came earlier
             "max_length": args.max_length,
@@ -392,7 +419,7 @@ class GradFilterTrainer(Trainer):
         callbacks = list(callbacks or [])
         if args.record_mode == "snapshot":
             callbacks.append(_SnapshotCallback(self))
-        train_rows = tokenized.select(trainable)
+        train_rows = tokenized if len(trainable) == n else tokenized.select(trainable)  # all rows: no index map
         del trainable
         super().__init__(
             model=model,
@@ -405,11 +432,13 @@ class GradFilterTrainer(Trainer):
         )
         self.recorder = LoraNormRecorder(self.model, self.member_names, directions=args.record_directions)
         self._direction_epoch = None  # the epoch the references belong to
+        # This process's rows, in unnamed files in output_dir: the record is not held in memory.
         self._local = GradientRecord.empty(
-            columns["example_id"],
+            ids,
             hashes,
             args.num_members,
             int(args.num_train_epochs),
+            directory=args.output_dir,
             metadata={
                 "record_mode": args.record_mode,
                 "format": fmt.__dict__,
@@ -420,7 +449,9 @@ class GradFilterTrainer(Trainer):
                 "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},
             },
         )
+        del ids, hashes
         self.record = self._local  # this process's rows; `gather_record` merges all processes'
+        self._merged = None  # with several processes: the merged record (files too), made by the first gather
         self._member_loss = torch.zeros(args.num_members)
         self._member_loss_steps = 0
 
@@ -555,25 +586,34 @@ class GradFilterTrainer(Trainer):
     def gather_record(self) -> GradientRecord:
         """Combine every process's recorded rows into ``self.record`` (a collective call).
 
+        The merge runs in blocks of rows (`GATHER_CHUNK_VALUES` values per all-reduce) into a second
+        file-backed record, allocated once, so no process holds a whole record in memory.
+
         Raises if any (example, member, epoch) was recorded by more than one process.
         """
         if self.args.world_size <= 1:
             self.record = self._local
             return self.record
-        merged = {}
+        local = self._local
+        if self._merged is None:
+            arrays = [file_array(local.norms.shape, np.float32, np.nan, self.args.output_dir) for _ in range(3)]
+            self._merged = GradientRecord(arrays[0], arrays[1], local.example_id, local.row_hash, local.metadata,
+                                          arrays[2])
+        step = max(1, GATHER_CHUNK_VALUES // (local.num_members * local.num_epochs))  # rows per all-reduce
         for key in ("norms", "losses", "cosines"):
-            local = torch.from_numpy(getattr(self._local, key))
-            values = torch.nan_to_num(local, nan=0.0).to(self.args.device)
-            counts = (~torch.isnan(local)).to(torch.int32).to(self.args.device)
-            torch.distributed.all_reduce(values)
-            torch.distributed.all_reduce(counts)
-            values, counts = values.cpu().numpy(), counts.cpu().numpy()
-            if (counts > 1).any():
-                rows = np.unique(np.nonzero(counts > 1)[0])[:10].tolist()
-                raise RuntimeError(f"Example id(s) {rows} were recorded by more than one process.")
-            merged[key] = np.where(counts == 1, values, np.nan).astype(np.float32)
-        self.record = GradientRecord(merged["norms"], merged["losses"], self._local.example_id,
-                                     self._local.row_hash, self._local.metadata, merged["cosines"])
+            source, target = getattr(local, key), getattr(self._merged, key)
+            for start in range(0, local.num_examples, step):
+                block = torch.from_numpy(np.array(source[start : start + step]))
+                values = torch.nan_to_num(block, nan=0.0).to(self.args.device)
+                counts = (~torch.isnan(block)).to(torch.int32).to(self.args.device)
+                torch.distributed.all_reduce(values)
+                torch.distributed.all_reduce(counts)
+                values, counts = values.cpu().numpy(), counts.cpu().numpy()
+                if (counts > 1).any():
+                    rows = local.example_id[start + np.unique(np.nonzero(counts > 1)[0])][:10].tolist()
+                    raise RuntimeError(f"Example id(s) {rows} were recorded by more than one process.")
+                target[start : start + step] = np.where(counts == 1, values, np.nan)
+        self.record = self._merged
         return self.record
 
     def _get_grad_norm(self, model, grad_norm=None):

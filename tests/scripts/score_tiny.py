@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
+from hf_gradfilter import trainer as trainer_module
 from hf_gradfilter.demo_data import make_demo_dataset
 from hf_gradfilter.formatting import ALPACA_PROMPT_WITH_INPUT
 from hf_gradfilter.tiny import tiny_gpt2, train_tokenizer
@@ -42,7 +43,10 @@ def main():
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--record_mode", default="train")
+    parser.add_argument("--gather_chunk", type=int, default=0, help="values per all-reduce when merging records")
     args = parser.parse_args()
+    if args.gather_chunk:
+        trainer_module.GATHER_CHUNK_VALUES = args.gather_chunk
 
     demo = make_demo_dataset(num_rows=400, seed=1)
     texts = [ALPACA_PROMPT_WITH_INPUT] + [r["instruction"] + " " + r["input"] + " " + r["output"] for r in demo]

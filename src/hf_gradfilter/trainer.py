@@ -93,15 +93,18 @@ def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
 
 
 def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
-    """Whole columns of a `datasets.Dataset` as numpy arrays (never as lists of Python objects)."""
-    return dataset.with_format("numpy", columns=names)[:]
+    """Whole numeric or bool columns of a `datasets.Dataset` as numpy arrays read from Arrow, in their
+    own dtype (``datasets``' "numpy" format turns float64 into float32 and goes through lists of
+    Python objects); a null becomes NaN. The arrays may be read-only views of the Arrow data."""
+    table = dataset.with_format("arrow", columns=names)[:]
+    return {name: table.column(name).to_numpy() for name in names}
 
 
 def _column_chunks(dataset, names: list[str], chunk_rows: int | None = None):
     """Yield ``(start, {name: array})`` over ``dataset``'s integer or bool columns without nulls, read
     from Arrow ``chunk_rows`` rows at a time: memory stays a chunk, whatever the dataset's size.
-    (`_columns`' "numpy" format goes through a list of Python ints per whole column, ~40 bytes a row
-    that the allocator keeps after they are freed, and turns floats into float32.)"""
+    (``datasets``' "numpy" format goes through a list of Python ints per whole column, ~40 bytes a
+    row that the allocator keeps after they are freed.)"""
     start = 0
     for table in dataset.with_format("arrow", columns=names).iter(batch_size=chunk_rows or COLUMN_CHUNK_ROWS):
         yield start, {name: table.column(name).to_numpy() for name in names}

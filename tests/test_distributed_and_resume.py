@@ -75,3 +75,33 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path):
     np.testing.assert_allclose(resumed.norms, reference.norms, rtol=1e-6)
     np.testing.assert_allclose(resumed.losses, reference.losses, rtol=1e-6)
     np.testing.assert_allclose(resumed.cosines, reference.cosines, rtol=1e-6, atol=1e-7)
+
+
+def test_cli_score_under_torchrun_writes_the_single_process_record_and_scores(tokenizer, demo_rows, tmp_path):
+    from datasets import load_from_disk
+
+    from hf_gradfilter.tiny import tiny_gpt2
+
+    model = tmp_path / "model"
+    tiny_gpt2(tokenizer, n_embd=32, n_head=2).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    demo_rows.select(range(37)).select_columns(["instruction", "input", "output"]).to_json(tmp_path / "rows.jsonl")
+    common = ["score", "--dataset_name", str(tmp_path / "rows.jsonl"), "--model_name_or_path", str(model),
+              "--num_members", "2", "--num_train_epochs", "2", "--lora_r", "4", "--lora_alpha", "8",
+              "--learning_rate", "5e-3", "--use_cpu", "true", "--seed", "3", "--max_length", "256"]
+    runs = {1: [sys.executable, "-m", "hf_gradfilter.cli"],
+            2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), "-m", "hf_gradfilter.cli"]}
+    for processes, launch in runs.items():
+        batch = str(4 // processes)  # the same global batch
+        subprocess.run(launch + common + ["--output_dir", str(tmp_path / str(processes)),
+                                          "--per_device_train_batch_size", batch],
+                       check=True, env=ENV, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    one, two = (GradientRecord.load(str(tmp_path / str(p))) for p in (1, 2))
+    assert np.isfinite(two.norms).all()
+    np.testing.assert_allclose(two.norms, one.norms, rtol=1e-4)
+    scored = [load_from_disk(str(tmp_path / str(p) / "scored")) for p in (1, 2)]
+    assert len(scored[1]) == 37
+    for column in ("fit_rank", "gsnr"):
+        np.testing.assert_allclose(np.array(scored[1][column], dtype=float), np.array(scored[0][column], dtype=float),
+                                   rtol=1e-4)

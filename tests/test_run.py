@@ -198,3 +198,38 @@ def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_random_rows_
     drawn = np.load(tmp_path / "random_top10pct" / "positions.npy")  # the same count from every group
     assert sorted(np.asarray(groups)[drawn].tolist()) == sorted(np.asarray(groups)[kept].tolist())
     assert drawn.tolist() != kept.tolist()
+
+
+def test_run_under_torchrun_scores_and_fine_tunes_with_every_process_and_a_rerun_skips_all(tmp_path):
+    import socket
+    import sys
+
+    from hf_gradfilter import GradientRecord
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(out), "per_device_train_batch_size": 4}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_GRADFILTER_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "hf_gradfilter.cli", "run", "--config", str(config)]
+
+    def launch():
+        done = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    stdout = launch()
+    assert set(statuses(out).values()) == {"ran"} and len(statuses(out)) == 5
+    assert stdout.count("[score] running") == 1  # rank 0 speaks for all
+    record = GradientRecord.load(str(out / "score"))
+    assert record.num_examples == 80 and np.isfinite(record.norms).all()
+    last_step = json.loads((out / "score" / "log_history.json").read_text())[-1]["step"]
+    assert last_step == 2 * 10  # 2 epochs of 80 rows in global batches of 2 processes x 4: both trained
+    for name in ("fit_rank_top25pct", "random_top25pct"):
+        assert json.loads((out / "finetune" / name / "eval_metrics.json").read_text())["final_eval_loss"] > 0
+    assert (out / "report.html").exists()
+    launch()
+    assert set(statuses(out).values()) == {"skipped"}

@@ -146,3 +146,13 @@ def test_head_on_response_positions_only_gives_the_full_logits_loss():
     labels[0, :3] = -100
     labels[2, 5:] = -100
     torch.testing.assert_close(response_loss(hidden, head, labels), per_example_loss(head(hidden), labels))
+
+
+def test_processes_the_trainer_does_not_see_are_refused_naming_use_cpu(tokenizer, alpaca_small, tmp_path,
+                                                                        monkeypatch):
+    # torchrun on a machine without a GPU and without --use_cpu: transformers runs each process alone
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    with pytest.raises(ValueError, match=r"2 processes were launched .* world_size=1 .*--use_cpu true"):
+        GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
+                          train_dataset=alpaca_small, processing_class=tokenizer)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 from datasets import Dataset
 from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainingArguments)
 
 from .demo_data import make_demo_dataset
+from .dist import barrier, is_main_process
 from .formatting import InstructionFormat, render
 from .tiny import tiny_gpt2, train_tokenizer
 
@@ -57,12 +59,14 @@ def pretrain_proxy(rows: Dataset, output_dir: str, seed: int = 0, epochs: int = 
         output_dir=os.path.join(output_dir, "_pretrain"), num_train_epochs=epochs, learning_rate=2e-3,
         per_device_train_batch_size=32, warmup_steps=20, lr_scheduler_type="cosine", weight_decay=0.01,
         logging_steps=50, save_strategy="no", report_to="none", seed=seed, bf16=False,
-        use_cpu=bool(use_cpu) if use_cpu is not None else False,
+        # default: the CPU when there is no GPU (also what makes several processes train together there)
+        use_cpu=bool(use_cpu) if use_cpu is not None else not torch.cuda.is_available(),
     )
     Trainer(model=model, args=args, train_dataset=tokens,
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    if is_main_process():
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
     return model, tokenizer
 
 
@@ -81,7 +85,11 @@ def demo_proxy_dir(seed: int = 0, num_rows: int = PRETRAIN_ROWS, epochs: int = 4
 def demo_proxy(seed: int = 0, cache_dir: str | None = None, num_rows: int = PRETRAIN_ROWS, epochs: int = 4):
     """The warmed-up demo backbone and its tokenizer, from the cache or freshly pre-trained."""
     path = cache_dir or demo_proxy_dir(seed, num_rows, epochs)
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
+    barrier()  # under several processes: all agree whether it is cached; all pre-train it; rank 0 saves it
+    missing = not os.path.exists(os.path.join(path, "model.safetensors"))
+    barrier()
+    if missing:
         print(f"Pre-training the demo proxy backbone (once; cached in {path}) ...")
         pretrain_demo_proxy(path, seed=seed, num_rows=num_rows, epochs=epochs)
+        barrier()
     return AutoModelForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)

@@ -107,7 +107,8 @@ def finetune(model, train_dataset, args: SFTConfig | None = None, peft_config: L
                          processing_class=processing_class, peft_config=peft_config or default_lora_config())
     trainer.train()
     trainer.save_model(args.output_dir)
-    save_loss_curve(trainer.state.log_history, args.output_dir)
+    if trainer.is_world_process_zero():
+        save_loss_curve(trainer.state.log_history, args.output_dir)
     return trainer
 
 

@@ -17,6 +17,10 @@ a rerun skips a stage whose ``stage.json`` is complete with the same fingerprint
 a crash redoes only the unfinished stages (a killed scoring run resumes from its last checkpoint,
 ``--save_strategy steps``), and a new ``--ratio`` reuses the scoring run and redoes only selection
 and what follows. A stage whose inputs changed starts from an empty folder.
+
+**Several processes** (``torchrun`` / ``accelerate launch``, the same flags): every process scores
+and fine-tunes (the Trainers split each batch among them); rank 0 alone selects, pushes, writes
+stage files and the report, and the others wait at a barrier before each stage (`_run_stage`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cli import ScoreArguments
+from .dist import barrier, is_main_process
 from .scoring import DEFAULT_SCORE
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -102,11 +107,6 @@ and in docs/quality.md the per-task cut trained a better target than the global 
 
 # ---- stages -------------------------------------------------------------------------------------
 
-def is_main_process() -> bool:
-    """Rank 0 (or a single process): the one that writes stage files and runs the stages after scoring."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def fingerprint(inputs: dict) -> str:
     """A short, stable hash of JSON-able ``inputs`` (keys sorted)."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -158,16 +158,29 @@ class Stage:
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written stage.json
 
 
-def _run_stage(stage: Stage, work, statuses: dict) -> dict:
-    """Skip ``stage`` if done, else run ``work()`` (returns a dict of outputs to record). Returns its state."""
-    if stage.done():
-        print(f"[{stage.name}] up to date, skipped ({stage.folder})")
+def _run_stage(stage: Stage, work, statuses: dict, every_rank: bool = False) -> dict:
+    """Skip ``stage`` if done, else run ``work()`` (returns a dict of outputs to record). Returns its state.
+
+    Under several processes every process calls this for every stage: they agree on whether it is
+    done (read between two barriers, before rank 0 rewrites the stage file), and ``work`` runs on
+    every process when ``every_rank`` (the training stages: scoring, fine-tuning), else on rank 0
+    alone while the others wait at the next stage's barrier.
+    """
+    barrier()
+    done = stage.done()
+    barrier()
+    main = is_main_process()
+    if done:
+        if main:
+            print(f"[{stage.name}] up to date, skipped ({stage.folder})")
         statuses[stage.name] = "skipped"
         return stage._state()
-    print(f"[{stage.name}] running -> {stage.folder}")
+    if main:
+        print(f"[{stage.name}] running -> {stage.folder}")
     stage.start()
+    barrier()  # the folder is clean before anyone writes to it
     t0 = time.time()
-    outputs = work() or {}
+    outputs = (work() if every_rank or main else None) or {}
     stage.finish(seconds=round(time.time() - t0, 1), **outputs)
     statuses[stage.name] = "ran"
     return stage._state()
@@ -230,10 +243,8 @@ def run(args: RunArguments, config) -> dict:
     score_stage = Stage("score", os.path.join(out, "score"), {
         "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
         "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model})
-    _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses)
+    _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
-    if not is_main_process():  # under torchrun / accelerate launch the other ranks only help score
-        return statuses
 
     selections = {}  # name -> (folder, fingerprint)
     for ratio in ratios:
@@ -253,8 +264,12 @@ def run(args: RunArguments, config) -> dict:
         for name, (folder, select_fp) in selections.items():
             stage = Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
                 "select": select_fp, "target": _target_inputs(args), "seed": config.seed})
-            _run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses)
+            _run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
+                       every_rank=True)
             targets[name] = stage.folder
+    barrier()
+    if not is_main_process():  # under torchrun / accelerate launch: the others helped score and fine-tune
+        return statuses
 
     if args.push_dataset_id or args.push_adapter_id:
         stage = Stage("push", os.path.join(out, "push"), {
@@ -357,13 +372,18 @@ def _target(args: RunArguments, out: str):
     path = args.target_model
     if args.demo:
         path = os.path.join(out, "target_init")
-        if not os.path.exists(os.path.join(path, "config.json")):
+        barrier()
+        missing = not os.path.exists(os.path.join(path, "config.json"))
+        barrier()
+        if missing:  # every process agrees, and rank 0 writes it
             from .demo import demo_proxy
             from .tiny import tiny_llama
 
             _, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
-            tiny_llama(tokenizer, hidden_size=64, seed=0).save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            if is_main_process():
+                tiny_llama(tokenizer, hidden_size=64, seed=0).save_pretrained(path)
+                tokenizer.save_pretrained(path)
+            barrier()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=args.trust_remote_code, dtype="auto")
     return model, tokenizer
@@ -405,6 +425,8 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
                        peft_config=default_lora_config(args.target_lora_r, args.target_lora_alpha,
                                                        args.target_lora_dropout))
     history = trainer.state.log_history
+    if not trainer.is_world_process_zero():
+        return {}
     with open(os.path.join(folder, "log_history.json"), "w") as f:
         json.dump(history, f, indent=1)
     metrics = {"train_rows": len(rows), "final_train_loss": next(

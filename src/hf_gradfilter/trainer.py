@@ -351,6 +351,14 @@ class GradFilterTrainer(Trainer):
             raise TypeError(f"args must be a GradFilterConfig, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("GradFilterTrainer needs a train_dataset: the rows to score.")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            processes = torch.distributed.get_world_size()
+            if processes != args.world_size:  # each process would score every row on its own
+                raise ValueError(
+                    f"{processes} processes were launched but the Trainer sees world_size={args.world_size} "
+                    f"(parallel mode {args.parallel_mode.value}): on a machine without a GPU pass --use_cpu true "
+                    "(GradFilterConfig(use_cpu=True)) so the processes train together on CPU."
+                )
         if isinstance(model, str):
             processing_class = processing_class or AutoTokenizer.from_pretrained(model)
             model = AutoModelForCausalLM.from_pretrained(model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,29 +14,24 @@ import numpy as np
 import pytest
 
 from hf_gradfilter import GradientRecord, score_parts, top_indices
+from launch import launch
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "score_tiny.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def score(out, *extra, processes=1, launcher="torchrun"):
+    args = ["--output_dir", str(out), *extra]
     if processes == 1:
-        cmd = [sys.executable, SCRIPT]
+        subprocess.run([sys.executable, SCRIPT, *args], check=True, env=ENV, timeout=600,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT]
+        launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                             "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT, *args], ENV)
     else:  # `--multi_gpu` picks accelerate's torch.distributed launcher; with no GPU the processes use gloo on CPU
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", SCRIPT]
-    subprocess.run(cmd + ["--output_dir", str(out), *extra], check=True, env=ENV, timeout=600,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        launch(lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             str(processes), "--num_machines", "1", "--main_process_port", str(port),
+                             "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args], ENV)
     return GradientRecord.load(str(out))
 
 
@@ -89,14 +83,12 @@ def test_cli_score_under_torchrun_writes_the_single_process_record_and_scores(to
     common = ["score", "--dataset_name", str(tmp_path / "rows.jsonl"), "--model_name_or_path", str(model),
               "--num_members", "2", "--num_train_epochs", "2", "--lora_r", "4", "--lora_alpha", "8",
               "--learning_rate", "5e-3", "--use_cpu", "true", "--seed", "3", "--max_length", "256"]
-    runs = {1: [sys.executable, "-m", "hf_gradfilter.cli"],
-            2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), "-m", "hf_gradfilter.cli"]}
-    for processes, launch in runs.items():
-        batch = str(4 // processes)  # the same global batch
-        subprocess.run(launch + common + ["--output_dir", str(tmp_path / str(processes)),
-                                          "--per_device_train_batch_size", batch],
-                       check=True, env=ENV, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run([sys.executable, "-m", "hf_gradfilter.cli", *common, "--output_dir", str(tmp_path / "1"),
+                    "--per_device_train_batch_size", "4"], check=True, env=ENV, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                         "127.0.0.1", "--master_port", str(port), "-m", "hf_gradfilter.cli", *common, "--output_dir",
+                         str(tmp_path / "2"), "--per_device_train_batch_size", "2"], ENV)  # the same global batch
     one, two = (GradientRecord.load(str(tmp_path / str(p))) for p in (1, 2))
     assert np.isfinite(two.norms).all()
     np.testing.assert_allclose(two.norms, one.norms, rtol=1e-4)

@@ -105,3 +105,30 @@ def test_set_up_read_in_chunks_of_rows_gives_the_whole_read_record(tokenizer, al
     np.testing.assert_array_equal(chunked.record.row_hash, whole.record.row_hash)
     tokenized = _columns(whole.tokenized, ["row_hash"])["row_hash"]
     np.testing.assert_array_equal(whole.record.row_hash, tokenized.astype(np.int64))
+
+
+def test_no_room_for_the_record_is_an_error_naming_the_directory_and_the_fix(tmp_path, monkeypatch):
+    import errno
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"Cannot keep the gradient record \(0.4 MB .*{tmp_path}: No space left"):
+        file_array((1000, 5, 20), np.float32, np.nan, str(tmp_path))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda b: b[:4], "not a safetensors file"),  # shorter than its header length
+    (lambda b: (2**40).to_bytes(8, "little") + b[8:], "not a safetensors file"),
+    (lambda b: b[:-8], "damaged"),  # the last tensor's bytes cut off
+])
+def test_a_damaged_record_file_is_refused_naming_the_problem(tmp_path, damage, match):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(6, dtype=torch.float32), "b": torch.arange(4)}, str(path))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=match):
+        mmap_safetensors(str(path))

@@ -200,29 +200,28 @@ def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_random_rows_
     assert drawn.tolist() != kept.tolist()
 
 
-def test_run_under_torchrun_scores_and_fine_tunes_with_every_process_and_a_rerun_skips_all(tmp_path):
-    import socket
+def test_run_under_torchrun_scores_fine_tunes_and_pushes_and_a_rerun_skips_all(tmp_path):
     import sys
+
+    from launch import launch
 
     from hf_gradfilter import GradientRecord
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(out), "per_device_train_batch_size": 4}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_GRADFILTER_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "hf_gradfilter.cli", "run", "--config", str(config)]
+    pushes = tmp_path / "pushes.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_GRADFILTER_CACHE": str(tmp_path / "cache"),
+           "FAKE_HUB_LOG": str(pushes)}
+    script = os.path.join(os.path.dirname(__file__), "scripts", "run_fake_hub.py")
+    cmd = lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",  # noqa: E731
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), script, "--config", str(config),
+                        "--push_dataset_id", "me/rows", "--push_adapter_id", "me/target"]
 
-    def launch():
-        done = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    stdout = launch()
-    assert set(statuses(out).values()) == {"ran"} and len(statuses(out)) == 5
+    stdout = launch(cmd, env).stdout
+    assert set(statuses(out).values()) == {"ran"} and len(statuses(out)) == 6 and "push" in statuses(out)
+    assert [json.loads(line) for line in pushes.read_text().splitlines()] == [  # once, from rank 0
+        {"kind": "dataset", "repo": "me/rows", "rank": "0"}, {"kind": "adapter", "repo": "me/target", "rank": "0"}]
     assert stdout.count("[score] running") == 1  # rank 0 speaks for all
     record = GradientRecord.load(str(out / "score"))
     assert record.num_examples == 80 and np.isfinite(record.norms).all()
@@ -231,5 +230,5 @@ def test_run_under_torchrun_scores_and_fine_tunes_with_every_process_and_a_rerun
     for name in ("fit_rank_top25pct", "random_top25pct"):
         assert json.loads((out / "finetune" / name / "eval_metrics.json").read_text())["final_eval_loss"] > 0
     assert (out / "report.html").exists()
-    launch()
+    launch(cmd, env)
     assert set(statuses(out).values()) == {"skipped"}

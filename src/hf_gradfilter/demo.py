@@ -26,7 +26,7 @@ from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling,
                           TrainingArguments)
 
 from .demo_data import make_demo_dataset
-from .dist import barrier, is_main_process
+from .dist import barrier, is_main_process, main_decides
 from .formatting import InstructionFormat, render
 from .tiny import tiny_gpt2, train_tokenizer
 
@@ -85,10 +85,8 @@ def demo_proxy_dir(seed: int = 0, num_rows: int = PRETRAIN_ROWS, epochs: int = 4
 def demo_proxy(seed: int = 0, cache_dir: str | None = None, num_rows: int = PRETRAIN_ROWS, epochs: int = 4):
     """The warmed-up demo backbone and its tokenizer, from the cache or freshly pre-trained."""
     path = cache_dir or demo_proxy_dir(seed, num_rows, epochs)
-    barrier()  # under several processes: all agree whether it is cached; all pre-train it; rank 0 saves it
-    missing = not os.path.exists(os.path.join(path, "model.safetensors"))
-    barrier()
-    if missing:
+    # under several processes: rank 0 decides whether it is cached; all pre-train it; rank 0 saves it
+    if main_decides(lambda: not os.path.exists(os.path.join(path, "model.safetensors"))):
         print(f"Pre-training the demo proxy backbone (once; cached in {path}) ...")
         pretrain_demo_proxy(path, seed=seed, num_rows=num_rows, epochs=epochs)
         barrier()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cli import ScoreArguments
-from .dist import barrier, is_main_process
+from .dist import barrier, is_main_process, main_decides
 from .scoring import DEFAULT_SCORE
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -161,14 +161,14 @@ class Stage:
 def _run_stage(stage: Stage, work, statuses: dict, every_rank: bool = False) -> dict:
     """Skip ``stage`` if done, else run ``work()`` (returns a dict of outputs to record). Returns its state.
 
-    Under several processes every process calls this for every stage: they agree on whether it is
-    done (read between two barriers, before rank 0 rewrites the stage file), and ``work`` runs on
+    Under several processes every process calls this for every stage, in the same order: rank 0
+    decides whether it is done and tells the others (`dist.main_decides`), and ``work`` runs on
     every process when ``every_rank`` (the training stages: scoring, fine-tuning), else on rank 0
-    alone while the others wait at the next stage's barrier.
+    alone while the others wait at the next stage's barrier (within the process group's timeout,
+    ``--ddp_timeout``, 1800 s by default: raise it when rank 0's own work, such as ``--extra_scores
+    ifd`` with a large model, takes longer).
     """
-    barrier()
-    done = stage.done()
-    barrier()
+    done = main_decides(stage.done)
     main = is_main_process()
     if done:
         if main:
@@ -267,9 +267,6 @@ def run(args: RunArguments, config) -> dict:
             _run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
                        every_rank=True)
             targets[name] = stage.folder
-    barrier()
-    if not is_main_process():  # under torchrun / accelerate launch: the others helped score and fine-tune
-        return statuses
 
     if args.push_dataset_id or args.push_adapter_id:
         stage = Stage("push", os.path.join(out, "push"), {
@@ -277,6 +274,9 @@ def run(args: RunArguments, config) -> dict:
             "targets": sorted(targets), "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
             "private": args.hub_private})
         _run_stage(stage, lambda: _push(args, score_stage.folder, selections, targets), statuses)
+    barrier()
+    if not is_main_process():  # under torchrun / accelerate launch: the others helped score and fine-tune
+        return statuses
 
     with open(os.path.join(out, "stages.json"), "w") as f:
         json.dump(statuses, f, indent=1)
@@ -372,10 +372,7 @@ def _target(args: RunArguments, out: str):
     path = args.target_model
     if args.demo:
         path = os.path.join(out, "target_init")
-        barrier()
-        missing = not os.path.exists(os.path.join(path, "config.json"))
-        barrier()
-        if missing:  # every process agrees, and rank 0 writes it
+        if main_decides(lambda: not os.path.exists(os.path.join(path, "config.json"))):  # rank 0 writes it
             from .demo import demo_proxy
             from .tiny import tiny_llama
 

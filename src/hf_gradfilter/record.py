@@ -128,13 +128,19 @@ def file_array(shape: tuple[int, ...], dtype, fill, directory: str | None = None
     """A ``shape`` array filled with ``fill``: in memory, or with ``directory`` an ``np.memmap`` on an
     unnamed temporary file in it (``tempfile.TemporaryFile``: unlinked at once on POSIX, so the space
     comes back when the process ends however it ends; nothing to clean up, nothing to resume from)."""
-    if directory is None:
+    if directory is None or int(np.prod(shape)) == 0:
         return np.full(shape, fill, dtype=dtype)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryFile(dir=directory, prefix="hf_gradfilter_record_") as f:
-        if int(np.prod(shape)) == 0:
-            return np.full(shape, fill, dtype=dtype)
-        array = np.memmap(f, dtype=dtype, mode="w+", shape=shape)  # keeps its own mapping after f closes
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix="hf_gradfilter_record_") as f:
+            if hasattr(os, "posix_fallocate"):  # claim the blocks now: a full disk is an OSError here, not a
+                os.posix_fallocate(f.fileno(), 0, nbytes)  # SIGBUS when a page is first written
+            array = np.memmap(f, dtype=dtype, mode="w+", shape=shape)  # keeps its own mapping after f closes
+    except OSError as err:
+        raise OSError(err.errno, f"Cannot keep the gradient record ({nbytes / 2**20:.1f} MB for this array) in "
+                                 f"{directory}: {err.strerror}. Use an output_dir on a writable disk with room for "
+                                 "it.") from err
     array.fill(fill)
     return array
 
@@ -150,20 +156,30 @@ def mmap_safetensors(path: str) -> dict[str, np.ndarray]:
     shape and byte range ``data_offsets`` relative to the end of the header, then the data.
     (safetensors' own ``safe_open(...).get_tensor`` copies each tensor into memory.)
     """
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
+        (header_len,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (size,)
+        if header_len > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {header_len}, file size {size}).")
         header = json.loads(f.read(header_len))
     out = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
+        if spec["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"Tensor {name!r} in {path} has dtype {spec['dtype']}, which numpy cannot map.")
         dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]]).newbyteorder("<")
         start, end = spec["data_offsets"]
         shape = tuple(spec["shape"])
+        if end - start != int(np.prod(shape)) * dtype.itemsize or end > size - 8 - header_len:
+            raise ValueError(f"Tensor {name!r} in {path}: bytes {start}..{end} do not hold shape {shape} of "
+                             f"{spec['dtype']}; the file is damaged.")
         if end == start:
-            out[name] = np.zeros(shape, dtype=dtype)
+            array = np.zeros(shape, dtype=dtype)
+            array.flags.writeable = False
         else:
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape)
+            array = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape)
+        out[name] = array
     return out
 
 

@@ -754,7 +754,8 @@ class GradFilterTrainer(Trainer):
                 raise FileNotFoundError(f"Checkpoint {resume_from_checkpoint} has no adapter for {name}; "
                                         "it was not written by GradFilterTrainer with this num_members.")
             set_peft_model_state_dict(unwrapped, load_file(path), adapter_name=name)
-        # One array at a time into the record in place (no second whole record); no cosines: stay NaN.
+        # One array at a time, mapped from the checkpoint, into the record in place (no second record);
+        # a checkpoint without cosines (older versions) leaves them NaN.
         arrays = read_record_arrays(resume_from_checkpoint, ["row_hash", "norms", "losses", "cosines"])
         for name, array in arrays:
             if ((name == "row_hash" and not np.array_equal(array, self._local.row_hash))

@@ -156,3 +156,42 @@ def test_processes_the_trainer_does_not_see_are_refused_naming_use_cpu(tokenizer
     with pytest.raises(ValueError, match=r"2 processes were launched .* world_size=1 .*--use_cpu true"):
         GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
                           train_dataset=alpaca_small, processing_class=tokenizer)
+
+
+def _overflow_on(trainer, calls):
+    """Make the recorder report an overflowed (inf) norm for its first row on the given stop() calls,
+    the way an fp16 loss scale too large for a layer's output gradients shows up."""
+    stop, count = trainer.recorder.stop, {"n": 0}
+
+    def overflowing_stop(grad_scale=1.0):
+        out = stop(grad_scale)
+        count["n"] += 1
+        if calls == "all" or count["n"] in calls:
+            out = out.clone()
+            out[0] = float("inf")
+        return out
+
+    trainer.recorder.stop = overflowing_stop
+
+
+def test_an_overflowed_batch_is_recorded_again_and_the_record_equals_a_clean_run(tokenizer, alpaca_small, tmp_path):
+    reference = train(tokenizer, alpaca_small, tmp_path / "ref")
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path / "o"),
+                                train_dataset=alpaca_small, processing_class=tokenizer)
+    _overflow_on(trainer, {1, 4, 7})  # three member batches, both members, both epochs
+    trainer.train()
+    assert trainer.num_rerecorded_batches == 3 and trainer.record.metadata["num_rerecorded_batches"] == 3
+    assert np.isfinite(trainer.record.norms).all()
+    np.testing.assert_allclose(trainer.record.norms, reference.record.norms, rtol=1e-5)
+    np.testing.assert_allclose(trainer.record.losses, reference.record.losses, rtol=1e-6)
+    np.testing.assert_allclose(trainer.record.cosines, reference.record.cosines, rtol=1e-4, atol=1e-6)
+
+
+def test_a_norm_still_not_finite_in_float32_names_the_example_and_keeps_the_record(tokenizer, alpaca_small,
+                                                                                     tmp_path):
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
+                                train_dataset=alpaca_small, processing_class=tokenizer)
+    _overflow_on(trainer, "all")
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradient norm \(also in float32\) for example id"):
+        trainer.train()
+    assert os.path.exists(tmp_path / "gradient_record.safetensors")

@@ -465,6 +465,7 @@ class GradFilterTrainer(Trainer):
         self._merged = None  # with several processes: the merged record (files too), made by the first gather
         self._member_loss = torch.zeros(args.num_members)
         self._member_loss_steps = 0
+        self.num_rerecorded_batches = 0  # member batches whose gradients overflowed and were recorded again
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -495,13 +496,23 @@ class GradFilterTrainer(Trainer):
             output = super().train(*args, **kwargs)
         finally:
             self._activate(self.member_names)
+        count = torch.tensor(self.num_rerecorded_batches, device=self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(count)
+        if count.item():
+            self._local.metadata["num_rerecorded_batches"] = int(count.item())
+            logger.warning(f"{int(count.item())} member batch(es) overflowed (fp16 loss scale) and were recorded "
+                           "again in float32; the loss scaler skips the optimizer step of such a batch.")
         self.gather_record()
         return output
 
-    def _member_forward(self, model, batch) -> torch.Tensor:
-        """Per-example mean response loss ``(B,)`` of the active member."""
+    def _member_forward(self, model, batch, mixed_precision: bool = True) -> torch.Tensor:
+        """Per-example mean response loss ``(B,)`` of the active member (``mixed_precision=False``:
+        in float32 even under ``--fp16`` / ``--bf16``)."""
         split = self._split_head()
-        with self.compute_loss_context_manager():
+        context = (self.compute_loss_context_manager() if mixed_precision
+                   else torch.autocast(self.args.device.type, enabled=False))
+        with context:
             if split:
                 lm = self.accelerator.unwrap_model(self.model).get_base_model()
                 hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
@@ -542,6 +553,8 @@ class GradFilterTrainer(Trainer):
                     scale = world * self._loss_scale() / (global_batch * ga)
                     norms = self.recorder.stop(grad_scale=scale).sqrt() / scale
                     keep = weight > 0
+                    if not torch.isfinite(norms[keep]).all():  # an fp16 overflow: record this batch again
+                        norms = self._rerecord(model, batch, name, weight, world / (global_batch * ga), directions)
                     cosines = None if self.recorder.cosines is None else self.recorder.cosines[keep]
                     self._store(batch["example_id"][keep], m, epoch, norms[keep], losses[keep], cosines)
                     if directions:  # the batch joins member m's reference (summed over processes)
@@ -552,6 +565,29 @@ class GradFilterTrainer(Trainer):
         self._member_loss_steps += 1
         return total / len(self.member_names)
 
+    def _rerecord(self, model, batch, name, weight, scale, directions) -> torch.Tensor:
+        """The batch's norms (and cosines, batch gradient sum) again, from a float32 forward and a
+        backward of the unscaled loss that leaves the parameters' gradients alone.
+
+        Used when a batch's per-example gradients overflowed: with ``--fp16`` the loss scaler's
+        factor (65536 at first) can push a layer's output gradients past float16's range. The
+        scaler then skips the optimizer step, as in any fp16 training; this makes sure the record
+        still holds the batch's true values. If they are still not finite, the error names the rows.
+        """
+        params = [p for module in self.recorder.modules[name] for p in module.parameters() if p.requires_grad]
+        self.recorder.start(len(batch["input_ids"]), self.args.device, member=name if directions else None)
+        losses = self._member_forward(model, batch, mixed_precision=False)
+        torch.autograd.grad((losses * weight).sum() * scale, params)
+        norms = self.recorder.stop(grad_scale=scale).sqrt() / scale
+        bad = (weight > 0) & ~torch.isfinite(norms)
+        if bad.any():
+            self._fail("gradient norm (also in float32)", batch["example_id"][bad].tolist(), name,
+                       "Lower the learning rate.")
+        self.num_rerecorded_batches += 1
+        logger.info(f"Gradients of a {name} batch overflowed at global step {self.state.global_step}; "
+                    "its norms were recorded again in float32.")
+        return norms
+
     def _loss_scale(self) -> float:
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -559,13 +595,14 @@ class GradFilterTrainer(Trainer):
     def _check_finite(self, losses, example_ids, name):
         bad = ~torch.isfinite(losses.detach())
         if bad.any():
-            ids = example_ids[bad].tolist()
-            self._local.save(self.args.output_dir if self.args.world_size <= 1 else
-                             os.path.join(self.args.output_dir, f"partial_record_rank{self.args.process_index}"))
-            raise FloatingPointError(
-                f"Non-finite loss for example id(s) {ids[:20]} ({name}, global step {self.state.global_step}); "
-                "the partial record was saved. Lower the learning rate, or use fp32."
-            )
+            self._fail("loss", example_ids[bad].tolist(), name, "Lower the learning rate, or use fp32.")
+
+    def _fail(self, what: str, ids: list[int], name: str, fix: str):
+        """Save the partial record (nothing recorded is lost) and raise, naming the rows and the step."""
+        self._local.save(self.args.output_dir if self.args.world_size <= 1 else
+                         os.path.join(self.args.output_dir, f"partial_record_rank{self.args.process_index}"))
+        raise FloatingPointError(f"Non-finite {what} for example id(s) {ids[:20]} ({name}, global step "
+                                 f"{self.state.global_step}); the partial record was saved. {fix}")
 
     def _store(self, example_ids, m, epoch, norms, losses, cosines=None) -> None:
         rows = example_ids.cpu().numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,17 @@ def test_length_grouping_cuts_padding_on_alpaca_like_lengths():
     computed = sum(len(x) * ls[x].max() for x in MemberSampler(n, 2, b, seed=0).batches(0, 0))
     random_ratio = computed / ls.sum()
     assert grouped <= 1.10 < random_ratio
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_orders_kept_in_files_are_the_orders_kept_in_memory(grouped, tmp_path):
+    n, b = 1003, 8
+    kw = {"lengths": lengths(n)} if grouped else {}
+    in_memory = MemberSampler(n, 3, b, seed=4, **kw)
+    in_files = MemberSampler(n, 3, b, seed=4, directory=str(tmp_path), **kw)
+    for member in range(3):
+        for epoch in range(2):
+            order = in_files.order(member, epoch)
+            assert isinstance(order, np.memmap)
+            np.testing.assert_array_equal(order, in_memory.order(member, epoch))
+    assert list(in_files) == list(in_memory) and os.listdir(tmp_path) == []

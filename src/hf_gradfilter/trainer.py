@@ -172,8 +172,8 @@ class MemberSampler(Sampler[list]):
     """
 
     def __init__(self, num_rows: int, num_members: int, batch_size: int, seed: int, lengths=None,
-                 mega_batch_mult: int = 50, num_replicas: int = 1, rank: int = 0):
-        self.n, self.num_members, self.seed = num_rows, num_members, seed
+                 mega_batch_mult: int = 50, num_replicas: int = 1, rank: int = 0, directory: str | None = None):
+        self.n, self.num_members, self.seed, self.directory = num_rows, num_members, seed, directory
         self.num_replicas, self.rank = num_replicas, rank
         self.batch_size = batch_size * num_replicas  # global
         self.lengths = None if lengths is None else np.asarray(lengths)
@@ -190,10 +190,14 @@ class MemberSampler(Sampler[list]):
         """Member ``member``'s rows in epoch ``epoch`` (0-based) in visiting order: global batch k is
         ``order[k * batch_size : (k + 1) * batch_size]``.
 
-        One int32 array of N (int64 from 2^31 rows), rearranged in place: 4 bytes per row and member.
+        One int32 array of N (int64 from 2^31 rows), rearranged in place: 4 bytes per row and member,
+        in an unnamed file in ``directory`` when the sampler has one (`record.file_array`).
         """
         rng = np.random.default_rng([self.seed, member, epoch])
-        order = np.arange(self.n, dtype=np.int32 if self.n < 2**31 else np.int64)
+        dtype = np.int32 if self.n < 2**31 else np.int64
+        order = file_array((self.n,), dtype, 0, self.directory)
+        for start in range(0, self.n, 1 << 20):  # 0, 1, ..., n-1 without a whole temporary
+            order[start : start + (1 << 20)] = np.arange(start, min(start + (1 << 20), self.n), dtype=dtype)
         rng.shuffle(order)  # the same permutation as rng.permutation(n), without an int64 copy
         b = self.batch_size
         full = self.n - self.n % b
@@ -478,7 +482,7 @@ class GradFilterTrainer(Trainer):
             a.data_seed if a.data_seed is not None else a.seed,
             lengths=(_int_columns(self.train_dataset, ["length"])["length"]
                      if a.train_sampling_strategy == "group_by_length" else None),
-            num_replicas=a.world_size, rank=a.process_index)
+            num_replicas=a.world_size, rank=a.process_index, directory=a.output_dir)
         return _EpochLoader(_Rows(self.train_dataset), batch_sampler=self.sampler, collate_fn=self.data_collator,
                             num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory)
 

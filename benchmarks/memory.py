@@ -9,9 +9,11 @@ tokenizes them (cached to disk), builds its sampler and record, then every epoch
 batches is collated and written into the record, and the record is saved. The model's compute is
 skipped (it does not grow with the dataset). Reported: peak RSS above the post-import baseline,
 against the size of the record itself (norms, losses and cosines, N x M x E float32 each, plus
-example_id and row_hash, N int64 each).
+example_id and row_hash, N int64 each), side by side for the trainer as it is (the record and
+each member's data order in unnamed files in the output dir, `record.file_array`) and with both
+forced into memory (``--in_memory``, how it was before they had files).
 
-    python benchmarks/memory.py                    # 10k, 100k, 1M rows; a few minutes on 2 CPU cores
+    python benchmarks/memory.py                    # 10k, 100k, 1M rows; about 25 minutes on 2 CPU cores
     python benchmarks/memory.py --sizes 10000 100000 --output docs/memory.md
 """
 
@@ -63,7 +65,7 @@ def child(n: int, members: int, epochs: int, batch: int, workdir: str, in_memory
 
     from hf_gradfilter import GradFilterConfig, GradFilterTrainer, record, trainer as trainer_module
 
-    if in_memory:  # the comparison: every record array in anonymous memory, as before the record had files
+    if in_memory:  # the comparison: the record and the data orders in anonymous memory, as before they had files
         in_ram = record.file_array
 
         def file_array(shape, dtype, fill, directory=None):
@@ -126,9 +128,9 @@ def main():
         return
     lines = [f"Command: python benchmarks/memory.py --sizes {' '.join(map(str, args.sizes))} --members "
              f"{args.members} --epochs {args.epochs} --batch {args.batch}", "",
-             "| rows | record: norms, losses, cosines, ids, hashes (MB) | peak RssAnon above baseline, record in "
-             "files (MB) | peak / record | same, record in memory (MB) | peak VmRSS incl. mapped files, record in "
-             "files (MB) |",
+             "| rows | record: norms, losses, cosines, ids, hashes (MB) | peak RssAnon above baseline, record and "
+             "orders in files (MB) | peak / record | same, record and orders in memory (MB) | peak VmRSS incl. "
+             "mapped files, in files (MB) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     results = []
@@ -152,9 +154,9 @@ def main():
         record_growth = last["record_mb"] - first["record_mb"]
         summary = (f"\nFrom {args.sizes[0]:,} to {args.sizes[-1]:,} rows the record grows by {record_growth:.0f} MB; "
                    f"peak RssAnon grows by {last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']:.0f} MB "
-                   f"with the record in files ({(last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']) / record_growth:.2f}x "
+                   f"with the record and orders in files ({(last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']) / record_growth:.2f}x "
                    f"the record's growth) and by {last_mem['peak_above_baseline_mb'] - first_mem['peak_above_baseline_mb']:.0f} MB "
-                   "with it in memory.")
+                   "with them in memory.")
         lines.append(summary)
         print(summary, flush=True)
     if args.output:

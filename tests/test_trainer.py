@@ -174,10 +174,17 @@ def _overflow_on(trainer, calls):
     trainer.recorder.stop = overflowing_stop
 
 
+def _as_if_loss_scaled(trainer):
+    """Pretend an fp16 loss scaler is on (there is none on CPU), with a scale of 1."""
+    trainer._loss_scaled = lambda: True
+    trainer._loss_scale = lambda: 1.0
+
+
 def test_an_overflowed_batch_is_recorded_again_and_the_record_equals_a_clean_run(tokenizer, alpaca_small, tmp_path):
     reference = train(tokenizer, alpaca_small, tmp_path / "ref")
     trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path / "o"),
                                 train_dataset=alpaca_small, processing_class=tokenizer)
+    _as_if_loss_scaled(trainer)
     _overflow_on(trainer, {1, 4, 7})  # three member batches, both members, both epochs
     trainer.train()
     assert trainer.num_rerecorded_batches == 3 and trainer.record.metadata["num_rerecorded_batches"] == 3
@@ -189,9 +196,39 @@ def test_an_overflowed_batch_is_recorded_again_and_the_record_equals_a_clean_run
 
 def test_a_norm_still_not_finite_in_float32_names_the_example_and_keeps_the_record(tokenizer, alpaca_small,
                                                                                      tmp_path):
-    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
+    for scaled, match in ((True, r"gradient norm \(also in float32\) for example id"),
+                          (False, r"gradient norm for example id\(s\) \[\d")):  # no scaler: no second try
+        out = tmp_path / str(scaled)
+        trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(out),
+                                    train_dataset=alpaca_small, processing_class=tokenizer)
+        if scaled:
+            _as_if_loss_scaled(trainer)
+        _overflow_on(trainer, "all")
+        with pytest.raises(FloatingPointError, match="Non-finite " + match):
+            trainer.train()
+        assert os.path.exists(out / "gradient_record.safetensors") and trainer.num_rerecorded_batches == 0
+
+
+@pytest.mark.parametrize("split_head", [True, False])  # the body alone, or the model's (autocast-patched) forward
+def test_the_second_recording_runs_in_float32_under_mixed_precision(split_head, tokenizer, alpaca_small, tmp_path):
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path, bf16=True),
                                 train_dataset=alpaca_small, processing_class=tokenizer)
-    _overflow_on(trainer, "all")
-    with pytest.raises(FloatingPointError, match=r"Non-finite gradient norm \(also in float32\) for example id"):
-        trainer.train()
-    assert os.path.exists(tmp_path / "gradient_record.safetensors")
+    trainer._split_head_ok = split_head
+    _as_if_loss_scaled(trainer)
+    _overflow_on(trainer, {2})
+    seen, rerecording = {"first": set(), "again": set()}, []
+    rerecord = trainer._rerecord
+
+    def tracked(*args, **kwargs):
+        rerecording.append(True)
+        try:
+            return rerecord(*args, **kwargs)
+        finally:
+            rerecording.pop()
+
+    trainer._rerecord = tracked
+    attention = trainer.model.get_base_model().transformer.h[0].attn.c_attn  # a frozen GPT-2 Conv1D
+    attention.register_forward_hook(lambda m, i, out: seen["again" if rerecording else "first"].add(out.dtype))
+    trainer.train()
+    assert torch.bfloat16 in seen["first"]  # mixed precision is on in training (so the next check can fail)
+    assert seen["again"] == {torch.float32} and trainer.num_rerecorded_batches == 1

@@ -64,18 +64,21 @@ class GradientRecord:
 
     @classmethod
     def empty(cls, example_id, row_hash, num_members: int, num_epochs: int, metadata=None,
-              directory: str | None = None) -> GradientRecord:
-        """An all-NaN record for the rows ``example_id`` / ``row_hash`` (copied in).
+              directory: str | None = None, copy: bool = True) -> GradientRecord:
+        """An all-NaN record for the rows ``example_id`` / ``row_hash`` (copied in; with ``copy=False``
+        the given int64 arrays are used as they are, e.g. shared with another record).
 
-        With ``directory``, every array is an ``np.memmap`` on an unnamed temporary file there (see
-        `file_array`): the record is written to disk as it fills, its pages are the kernel's to
+        With ``directory``, every new array is an ``np.memmap`` on an unnamed temporary file there
+        (see `file_array`): the record is written to disk as it fills, its pages are the kernel's to
         write back and drop, and nothing is left behind when the process ends, killed or not.
         """
         n, shape = len(example_id), (len(example_id), num_members, num_epochs)
         arrays = [file_array(shape, np.float32, np.nan, directory) for _ in range(3)]
-        ids = [file_array((n,), np.int64, 0, directory) for _ in range(2)]
-        ids[0][:], ids[1][:] = example_id, row_hash
-        return cls(arrays[0], arrays[1], ids[0], ids[1], dict(metadata or {}), arrays[2])
+        if copy:
+            ids = [file_array((n,), np.int64, 0, directory) for _ in range(2)]
+            ids[0][:], ids[1][:] = example_id, row_hash
+            example_id, row_hash = ids
+        return cls(arrays[0], arrays[1], example_id, row_hash, dict(metadata or {}), arrays[2])
 
     @property
     def num_examples(self) -> int:

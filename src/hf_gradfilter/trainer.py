@@ -27,10 +27,10 @@ as the gradient it is compared with. Under several processes each batch's gradie
 over processes (one all-reduce of a member's LoRA size per member batch), so the reference is the
 global one. Extra memory: M LoRA-sized references and one batch sum.
 
-Host memory: the record is never held in memory. Its arrays are ``np.memmap`` on unnamed temporary
-files in ``output_dir`` (gone when the process ends), filled as batches are recorded and saved
-from the mapping; the dataset's columns are read in chunks of rows; what grows with the dataset
-is each member's data order (4 bytes a row, `MemberSampler.order`). See docs/memory.md.
+Host memory: the record and each member's data order (`MemberSampler.order`) are never held in
+memory. Their arrays are ``np.memmap`` on unnamed temporary files in ``output_dir`` (gone when the
+process ends); the record is filled as batches are recorded and saved from the mapping, and the
+dataset's columns are read in chunks of rows. See docs/memory.md.
 """
 
 from __future__ import annotations
@@ -456,6 +456,7 @@ class GradFilterTrainer(Trainer):
             args.num_members,
             int(args.num_train_epochs),
             directory=args.output_dir,
+            copy=False,  # ids and hashes are already in files of their own
             metadata={
                 "record_mode": args.record_mode,
                 "format": fmt.__dict__,
@@ -466,7 +467,6 @@ class GradFilterTrainer(Trainer):
                 "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},
             },
         )
-        del ids, hashes
         self.record = self._local  # this process's rows; `gather_record` merges all processes'
         self._merged = None  # with several processes: the merged record (files too), made by the first gather
         self._member_loss = torch.zeros(args.num_members)
@@ -669,9 +669,9 @@ class GradFilterTrainer(Trainer):
             return self.record
         local = self._local
         if self._merged is None:
-            arrays = [file_array(local.norms.shape, np.float32, np.nan, self.args.output_dir) for _ in range(3)]
-            self._merged = GradientRecord(arrays[0], arrays[1], local.example_id, local.row_hash, local.metadata,
-                                          arrays[2])
+            self._merged = GradientRecord.empty(local.example_id, local.row_hash, local.num_members, local.num_epochs,
+                                                directory=self.args.output_dir, copy=False)
+            self._merged.metadata = local.metadata  # one dict: what the trainer adds later shows in both
         step = max(1, GATHER_CHUNK_VALUES // (local.num_members * local.num_epochs))  # rows per all-reduce
         for key in ("norms", "losses", "cosines"):
             source, target = getattr(local, key), getattr(self._merged, key)

@@ -63,7 +63,8 @@ def child(n: int, members: int, epochs: int, batch: int, workdir: str, in_memory
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hf_gradfilter import GradFilterConfig, GradFilterTrainer, record, trainer as trainer_module
+    from hf_gradfilter import GradFilterConfig, GradFilterTrainer
+    from hf_gradfilter.proxy import record, trainer as trainer_module
 
     if in_memory:  # the comparison: the record and the data orders in anonymous memory, as before they had files
         in_ram = record.file_array

@@ -6,7 +6,7 @@ modes, seeds, and a downstream fine-tune with its convergence curves. One comman
     python benchmarks/quality.py --dataset my.jsonl --label_column is_bad   # your own labelled data
 
 Data with known corrupted rows:
-- ``demo``: the embedded demo set (`hf_gradfilter.demo_data`, 20% corrupted) scored with the demo
+- ``demo``: the embedded demo set (`hf_gradfilter.demo.data`, 20% corrupted) scored with the demo
   proxy (a 2-layer GPT-2 pre-trained on an independent clean draw of the same tasks).
 - ``alpaca``: real Alpaca rows (``../shared/data/train/alpaca_cherry_5pct.json``, when present):
   the first ``--alpaca_rows`` rows are scored, 20% of them corrupted by `corrupt_rows` (seeded:
@@ -33,11 +33,11 @@ import time
 import numpy as np
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
-from hf_gradfilter.baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
+from hf_gradfilter.scores.baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
-from hf_gradfilter.demo_data import make_demo_dataset
-from hf_gradfilter.metrics import auroc
-from hf_gradfilter.scoring import fit_rank, mean_loss, score_parts
+from hf_gradfilter.demo.data import make_demo_dataset
+from hf_gradfilter.scores.metrics import auroc
+from hf_gradfilter.scores.scoring import fit_rank, mean_loss, score_parts
 from hf_gradfilter.selection import top_indices, top_indices_by_group
 
 ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train", "alpaca_cherry_5pct.json")
@@ -158,8 +158,8 @@ def downstream(rows, scores, tokenizer, args) -> dict:
     """Fine-tune a tiny Llama (LoRA) for the same steps on each top-10% subset; held-out clean loss curve."""
     import torch
 
-    from hf_gradfilter.finetune import finetune, sft_config, to_sft_rows
-    from hf_gradfilter.tiny import tiny_llama
+    from hf_gradfilter.target.finetune import finetune, sft_config, to_sft_rows
+    from hf_gradfilter.demo.tiny import tiny_llama
 
     held_out = make_demo_dataset(num_rows=300, corruption_rate=0.0, seed=777).select_columns(
         ["instruction", "input", "output"])
@@ -255,7 +255,7 @@ def main():
     _, tokenizer = demo_proxy(seed=0)
     demo_dir = demo_proxy_dir(seed=0)
     if args.dataset:
-        from hf_gradfilter.cli import load_rows
+        from hf_gradfilter.data.io import load_rows
 
         rows = load_rows(args.dataset)
         rows = rows.rename_column(args.label_column, "is_corrupted") if args.label_column != "is_corrupted" else rows

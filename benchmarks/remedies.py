@@ -35,10 +35,10 @@ from transformers import TrainerCallback
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
-from hf_gradfilter.demo_data import make_demo_dataset
-from hf_gradfilter.metrics import auroc
-from hf_gradfilter.record import GradientRecord
-from hf_gradfilter.scoring import fit_rank, mean_loss, score_parts
+from hf_gradfilter.demo.data import make_demo_dataset
+from hf_gradfilter.scores.metrics import auroc
+from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.scoring import fit_rank, mean_loss, score_parts
 
 PAIRS = ((1, 2), (2, 3), (2, 4), (3, 4), (1, 4))
 # (lr, init, mode, demo seeds, alpaca seeds) of the screening grid; every run is 4 epochs, 3 members.

@@ -10,12 +10,12 @@ import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from hf_gradfilter.baselines import (HIGHER_IS_BETTER, SCORER_OF, SCORERS, IFDScorer, LengthScorer, RandomScorer,
+from hf_gradfilter.scores.baselines import (HIGHER_IS_BETTER, SCORER_OF, SCORERS, IFDScorer, LengthScorer, RandomScorer,
                                      RecordScorer, superfiltering_select)
-from hf_gradfilter.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, row_hashes
-from hf_gradfilter.record import GradientRecord
-from hf_gradfilter.scoring import RECORD_COLUMNS, SCORE_COLUMNS
-from hf_gradfilter.tiny import tiny_gpt2
+from hf_gradfilter.data.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, row_hashes
+from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.scoring import RECORD_COLUMNS, SCORE_COLUMNS
+from hf_gradfilter.demo.tiny import tiny_gpt2
 
 
 @pytest.fixture(scope="module")

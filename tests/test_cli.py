@@ -11,7 +11,7 @@ import pytest
 from datasets import load_from_disk
 
 from hf_gradfilter.cli import main
-from hf_gradfilter.demo_data import make_demo_dataset
+from hf_gradfilter.demo.data import make_demo_dataset
 
 TINY = ["--num_members", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--lora_r", "4",
         "--max_length", "256", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "1000"]
@@ -21,7 +21,7 @@ DEMO = ["--demo_rows", "80", "--demo_pretrain_rows", "200", "--demo_pretrain_epo
 @pytest.fixture(scope="module")
 def proxy_dir(tmp_path_factory, tokenizer):
     """A tiny proxy saved to disk, as a user's local model path would be."""
-    from hf_gradfilter.tiny import tiny_gpt2
+    from hf_gradfilter.demo.tiny import tiny_gpt2
 
     path = tmp_path_factory.mktemp("proxy")
     tiny_gpt2(tokenizer, n_embd=32, n_head=2).save_pretrained(path)
@@ -116,7 +116,7 @@ def test_help_documents_the_options():
 
 
 def test_finetune_command_trains_the_target_on_a_selected_split(tmp_path, tokenizer, jsonl, capsys):
-    from hf_gradfilter.tiny import tiny_llama
+    from hf_gradfilter.demo.tiny import tiny_llama
 
     target = tmp_path / "target"
     tiny_llama(tokenizer, hidden_size=32).save_pretrained(target)
@@ -196,7 +196,7 @@ def test_score_appends_ablations_and_requested_baselines_and_select_uses_superfi
 
 
 def test_judge_command_compares_two_targets_with_a_local_judge(tmp_path, tokenizer, capsys):
-    from hf_gradfilter.tiny import tiny_llama
+    from hf_gradfilter.demo.tiny import tiny_llama
 
     for name in ("a", "b", "judge"):
         tiny_llama(tokenizer, hidden_size=32, seed=len(name)).save_pretrained(tmp_path / name)
@@ -214,8 +214,8 @@ def test_judge_command_compares_two_targets_with_a_local_judge(tmp_path, tokeniz
 
 
 def test_failure_signatures_are_each_triggered_by_a_constructed_record():
-    from hf_gradfilter.cli import failure_signatures
-    from hf_gradfilter.record import GradientRecord
+    from hf_gradfilter.scores.checks import failure_signatures
+    from hf_gradfilter.proxy.record import GradientRecord
 
     def record(norms, losses):
         n = norms.shape[0]

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from hf_gradfilter.demo_data import CORRUPTIONS, make_demo_dataset
+from hf_gradfilter.demo.data import CORRUPTIONS, make_demo_dataset
 
 N = 300
 RATE = 0.2

@@ -74,7 +74,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path):
 def test_cli_score_under_torchrun_writes_the_single_process_record_and_scores(tokenizer, demo_rows, tmp_path):
     from datasets import load_from_disk
 
-    from hf_gradfilter.tiny import tiny_gpt2
+    from hf_gradfilter.demo.tiny import tiny_gpt2
 
     model = tmp_path / "model"
     tiny_gpt2(tokenizer, n_embd=32, n_head=2).save_pretrained(model)

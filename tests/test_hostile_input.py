@@ -1,6 +1,6 @@
 """Hostile and odd input: each case has one tested outcome, a clear error or a counted policy.
 
-The policies are documented in the "Odd input" section of `hf_gradfilter.formatting`'s docstring.
+The policies are documented in the "Odd input" section of `hf_gradfilter.data.formatting`'s docstring.
 Existing tests cover three more cases: a non-finite loss (tests/test_trainer.py, extended here),
 rows with no response token after truncation (tests/test_trainer.py) and a dataset changed between
 scoring and selecting (tests/test_scoring.py::test_scorer_refuses_a_record_from_another_dataset).
@@ -18,10 +18,11 @@ from datasets import Dataset
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord, score_dataset, select_top
 from hf_gradfilter import tokenize_dataset
-from hf_gradfilter.cli import load_rows, main
-from hf_gradfilter.formatting import InstructionFormat
-from hf_gradfilter.scoring import score_parts
-from hf_gradfilter.tiny import tiny_gpt2
+from hf_gradfilter.cli import main
+from hf_gradfilter.data.io import load_rows
+from hf_gradfilter.data.formatting import InstructionFormat
+from hf_gradfilter.scores.scoring import score_parts
+from hf_gradfilter.demo.tiny import tiny_gpt2
 
 MAX_LENGTH = 256
 LONG_OUTPUT = "word " * 40_000  # 200,000 characters
@@ -72,7 +73,7 @@ def hostile(demo_rows):
 @pytest.fixture(scope="module")
 def trained(hostile, tokenizer, tmp_path_factory):
     """The hostile set through the trainer and the scorer, once for the module."""
-    logger = logging.getLogger("hf_gradfilter.trainer")
+    logger = logging.getLogger("hf_gradfilter.proxy.trainer")
     records = []
     handler = logging.Handler()
     handler.emit = records.append

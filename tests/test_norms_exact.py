@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, sq_norms
-from hf_gradfilter.tiny import tiny_gpt2, tiny_llama
+from hf_gradfilter.demo.tiny import tiny_gpt2, tiny_llama
 
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 

@@ -13,10 +13,10 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord
-from hf_gradfilter import trainer as trainer_module
-from hf_gradfilter.record import file_array, mmap_safetensors
-from hf_gradfilter.tiny import tiny_gpt2
-from hf_gradfilter.trainer import _column_chunks, _columns, _int_columns
+from hf_gradfilter.data import columns as columns_module
+from hf_gradfilter.proxy.record import file_array, mmap_safetensors
+from hf_gradfilter.demo.tiny import tiny_gpt2
+from hf_gradfilter.data.columns import column_chunks, read_columns, read_int_columns
 
 
 def make_trainer(tokenizer, dataset, output_dir):
@@ -81,12 +81,12 @@ def test_a_record_loaded_with_mmap_equals_one_read_into_memory(tmp_path):
 def test_column_chunks_cover_every_row_in_order_through_an_index_mapping():
     data = Dataset.from_dict({"a": list(range(23)), "flag": [i % 3 == 0 for i in range(23)]})
     for dataset in (data, data.shuffle(seed=0).select(range(17))):  # the second has an indices mapping
-        starts, parts = zip(*_column_chunks(dataset, ["a", "flag"], chunk_rows=5))
+        starts, parts = zip(*column_chunks(dataset, ["a", "flag"], chunk_rows=5))
         assert list(starts) == list(range(0, len(dataset), 5))
-        whole = _columns(dataset, ["a", "flag"])
+        whole = read_columns(dataset, ["a", "flag"])
         for name in ("a", "flag"):
             np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), whole[name])
-            np.testing.assert_array_equal(_int_columns(dataset, [name])[name], whole[name])
+            np.testing.assert_array_equal(read_int_columns(dataset, [name])[name], whole[name])
 
 
 def test_set_up_read_in_chunks_of_rows_gives_the_whole_read_record(tokenizer, alpaca_small, tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_set_up_read_in_chunks_of_rows_gives_the_whole_read_record(tokenizer, al
                             with_indices=True)
     data = Dataset.from_dict({k: list(data[k]) + list(data[k][:2]) for k in data.column_names})  # 2 duplicate rows
     whole = make_trainer(tokenizer, data, tmp_path / "whole")
-    monkeypatch.setattr(trainer_module, "COLUMN_CHUNK_ROWS", 3)
+    monkeypatch.setattr(columns_module, "COLUMN_CHUNK_ROWS", 3)
     chunked = make_trainer(tokenizer, data, tmp_path / "chunked")
     assert chunked.data_stats == whole.data_stats
     assert whole.data_stats["num_no_response"] == 2 and whole.data_stats["num_duplicate_rows"] == 2
@@ -103,7 +103,7 @@ def test_set_up_read_in_chunks_of_rows_gives_the_whole_read_record(tokenizer, al
     np.testing.assert_array_equal(chunked.train_dataset["example_id"], whole.train_dataset["example_id"])
     np.testing.assert_array_equal(chunked.record.example_id, np.arange(12))
     np.testing.assert_array_equal(chunked.record.row_hash, whole.record.row_hash)
-    tokenized = _columns(whole.tokenized, ["row_hash"])["row_hash"]
+    tokenized = read_columns(whole.tokenized, ["row_hash"])["row_hash"]
     np.testing.assert_array_equal(whole.record.row_hash, tokenized.astype(np.int64))
 
 

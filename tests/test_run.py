@@ -89,7 +89,7 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
 
 
 def _record(norms, losses):
-    from hf_gradfilter.record import GradientRecord
+    from hf_gradfilter.proxy.record import GradientRecord
 
     n = norms.shape[0]
     return GradientRecord(norms.astype(np.float32), losses.astype(np.float32), np.arange(n), np.arange(n),
@@ -115,7 +115,7 @@ def _constructed_run(folder, norms, losses):
     """A run folder holding only a finished scoring stage, built from arrays."""
     from datasets import Dataset
 
-    from hf_gradfilter.scorer import score_dataset
+    from hf_gradfilter.scores.scorer import score_dataset
 
     record = _record(norms, losses)
     (folder / "score").mkdir(exist_ok=True)
@@ -131,7 +131,7 @@ def _constructed_run(folder, norms, losses):
 
 @pytest.mark.parametrize("signature", list(_constructed_cases()))
 def test_report_shows_each_failure_signature_of_a_constructed_run(tmp_path, signature):
-    from hf_gradfilter.report import write_report
+    from hf_gradfilter.run.report import write_report
 
     _constructed_run(tmp_path, *_constructed_cases()[signature])
     paths = write_report(str(tmp_path))
@@ -158,7 +158,7 @@ def test_run_config_file_that_is_not_a_mapping_gets_a_one_line_error(tmp_path, c
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium is not installed (apt-get install chromium)")
 def test_report_html_renders_in_headless_chromium(tmp_path):
     """scripts/report_screenshot.sh opens a report in headless Chromium and saves a screenshot."""
-    from hf_gradfilter.report import write_report
+    from hf_gradfilter.run.report import write_report
 
     page = write_report(str(_constructed_run(tmp_path, *_constructed_cases()["rose"])))["html"]
     shot = tmp_path / "shot.png"
@@ -185,7 +185,7 @@ def test_example_run_configs_parse_into_the_run_arguments(name):
 def test_run_selection_stage_keeps_the_top_ratio_of_every_group_and_random_rows_of_the_same_groups(tmp_path):
     from datasets import Dataset
 
-    from hf_gradfilter.pipeline import RunArguments, _select
+    from hf_gradfilter.run.pipeline import RunArguments, _select
 
     groups = ["big"] * 90 + ["mid"] * 8 + ["small"] * 2  # a dominant group
     scored = Dataset.from_dict({"gsnr": np.linspace(1, 0, 100).tolist(), "task": groups})

@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from hf_gradfilter import GSNRScorer, GradientRecord, score_dataset, score_parts, select_top, top_indices
-from hf_gradfilter.formatting import InstructionFormat, row_hashes
+from hf_gradfilter.data.formatting import InstructionFormat, row_hashes
 
 # 2 examples, M=3 members, E=2 epochs
 NORMS = np.array([

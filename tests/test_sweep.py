@@ -14,10 +14,10 @@ import pytest
 from datasets import Dataset
 
 from hf_gradfilter.cli import main
-from hf_gradfilter.metrics import average_ranks, spearman
-from hf_gradfilter.record import GradientRecord
-from hf_gradfilter.scoring import score_parts
-from hf_gradfilter.sweep import (
+from hf_gradfilter.scores.metrics import average_ranks, spearman
+from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.scoring import score_parts
+from hf_gradfilter.scores.sweep import (
     Setting,
     epoch_pairs,
     member_subsets,
@@ -179,7 +179,7 @@ def test_sweep_cli_errors_name_the_bad_value(record_dir, tmp_path, capsys, args,
 
 
 def test_sweep_demo_trains_the_demo_ensemble_for_four_epochs_then_sweeps_it(record, tmp_path, monkeypatch, capsys):
-    from hf_gradfilter import cli
+    from hf_gradfilter.scores import sweep_stage
     from hf_gradfilter.demo import DEMO_LEARNING_RATE
 
     seen = {}
@@ -189,7 +189,7 @@ def test_sweep_demo_trains_the_demo_ensemble_for_four_epochs_then_sweeps_it(reco
         scored = Dataset.from_dict({"is_corrupted": LABELS.tolist()})
         return SimpleNamespace(record=record, scored=scored)
 
-    monkeypatch.setattr(cli, "score", fake_score)
+    monkeypatch.setattr(sweep_stage, "score", fake_score)
     assert main(["sweep", "--demo", "--output_dir", str(tmp_path / "d")]) == 0
     assert seen == {"demo": True, "epochs": 4, "lr": DEMO_LEARNING_RATE}
     assert "AUROC of each score as a keep-score against 'is_corrupted'" in capsys.readouterr().out

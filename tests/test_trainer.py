@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord
-from hf_gradfilter.tiny import tiny_gpt2
+from hf_gradfilter.demo.tiny import tiny_gpt2
 
 
 def config(tmp_path, **kw):
@@ -138,7 +138,7 @@ def test_bad_config_is_refused_with_the_value_named(bad, match, tmp_path):
 
 
 def test_head_on_response_positions_only_gives_the_full_logits_loss():
-    from hf_gradfilter.trainer import per_example_loss, response_loss
+    from hf_gradfilter.proxy.trainer import per_example_loss, response_loss
 
     torch.manual_seed(0)
     hidden, head = torch.randn(3, 7, 5), torch.nn.Linear(5, 11, bias=False)

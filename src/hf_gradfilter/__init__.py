@@ -1,17 +1,27 @@
-"""hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning."""
+"""hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning.
 
-from . import hub, judge
-from .baselines import HIGHER_IS_BETTER, SCORERS, IFDScorer, LengthScorer, RandomScorer, RecordScorer, superfiltering_select
-from .config import GradFilterConfig
-from .finetune import finetune, sft_config
-from .formatting import InstructionFormat, tokenize_dataset
-from .norms import LoraNormRecorder, sq_norms
-from .record import GradientRecord
-from .scorer import GSNRScorer, score_dataset
-from .scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
-from .selection import group_counts, select_top, top_indices, top_indices_by_group
-from .sweep import sweep_record
-from .trainer import GradFilterTrainer, build_ensemble, per_example_loss
+The public API, re-exported from one subpackage per stage: ``data`` -> ``proxy`` -> ``scores`` ->
+``selection`` -> ``target`` -> ``publish``, with ``run`` (the pipeline and its report) over them
+and ``cli`` on top (README: Layout).
+"""
+
+from . import _moved
+from .publish import hub
+
+from .target import judge
+from .scores.baselines import HIGHER_IS_BETTER, SCORERS, IFDScorer, LengthScorer, RandomScorer, RecordScorer, superfiltering_select
+from .proxy.config import GradFilterConfig
+from .target.finetune import finetune, sft_config
+from .data.formatting import InstructionFormat, tokenize_dataset
+from .proxy.norms import LoraNormRecorder, sq_norms
+from .proxy.record import GradientRecord
+from .scores.scorer import GSNRScorer, score_dataset
+from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
+from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
+from .scores.sweep import sweep_record
+from .proxy.trainer import GradFilterTrainer, build_ensemble, per_example_loss
+
+_moved.install()  # old flat module paths (hf_gradfilter.trainer ...) still import
 
 __version__ = "0.1.0"
 

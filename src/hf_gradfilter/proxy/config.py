@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .formatting import DataFormatArguments
+from ..data.formatting import DataFormatArguments
 
 RECORD_MODES = ("train", "snapshot", "none")
 

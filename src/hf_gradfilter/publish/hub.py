@@ -27,8 +27,8 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .record import RECORD_NAME, GradientRecord
-from .scoring import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
+from ..proxy.record import RECORD_NAME, GradientRecord
+from ..scores.scoring import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,8 @@ def push_folder(folder, repo_id: str, *, repo_type: str, private: bool = False, 
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     if revision not in (None, "main") and not revision.startswith("refs/"):
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-    from . import __version__
-
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type=repo_type, revision=revision,
-                             commit_message=commit_message or f"Upload with hf-gradfilter {__version__}")
+                             commit_message=commit_message or f"Upload with hf-gradfilter {_version('hf-gradfilter')}")
     logger.info("Uploaded %s to %s (%s)", folder, repo_id, getattr(info, "commit_url", info))
     return info
 
@@ -168,7 +166,7 @@ def _template(name: str) -> str:
     try:
         return importlib.resources.files("hf_gradfilter.model_cards").joinpath(name).read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):  # a source checkout that was not installed
-        return (Path(__file__).resolve().parents[2] / "model_cards" / name).read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[3] / "model_cards" / name).read_text(encoding="utf-8")
 
 
 def _fmt(value) -> str:
@@ -235,7 +233,7 @@ def selection_settings(record, *, score_column: str = DEFAULT_SCORE, ratio: floa
 
 
 def _histogram(path: Path, values, cut, xlabel: str) -> str | None:
-    from .plots import histogram
+    from ..plots import histogram
 
     values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).any():
@@ -307,7 +305,7 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
 
 def _group_rows(scored, selected: dict, group_column: str) -> list[dict]:
     """Per group: its rows in ``scored`` and, per selected split, ``"kept (share of the group)"``."""
-    from .selection import group_counts
+    from ..selection.top import group_counts
 
     tables = {name: group_counts(scored[group_column], split[group_column]) for name, split in selected.items()}
     first = next(iter(tables.values()))
@@ -398,7 +396,7 @@ def build_adapter_repo(folder, adapter_dir, *, base_model: str | None = None, da
                     if f in copied), [])
     points = [(h["step"], float(h["loss"])) for h in history if isinstance(h, dict) and {"step", "loss"} <= set(h)]
     if points and "loss_curve.png" not in copied:
-        from .plots import line_plot
+        from ..plots import line_plot
 
         line_plot({"training loss": points}, str(folder / "loss_curve.png"), xlabel="step", ylabel="loss")
     has_plot = (folder / "loss_curve.png").is_file()

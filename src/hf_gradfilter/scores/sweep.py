@@ -213,7 +213,7 @@ def write_outputs(output_dir: str, rows: list[dict], summary: list[dict], matric
                   pairs: list[tuple[int, int]], meta: dict) -> dict[str, str]:
     """``sweep.csv`` (one row per score and setting), ``sweep.json`` (meta, summary, rows, pair matrices)
     and one ``sweep_<score>.png`` heatmap per score. Returns the paths by kind."""
-    from .plots import heatmaps
+    from ..plots import heatmaps
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {"csv": os.path.join(output_dir, "sweep.csv"), "json": os.path.join(output_dir, "sweep.json")}

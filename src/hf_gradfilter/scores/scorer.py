@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formatting import InstructionFormat, row_hashes
-from .record import GradientRecord
+from ..data.formatting import InstructionFormat, row_hashes
+from ..proxy.record import GradientRecord
 from .scoring import DEFAULT_EPS, SCORE_COLUMNS, fit_rank, mean_loss, score_parts
 
 SCORER_COLUMNS = ("fit_rank", *SCORE_COLUMNS)

@@ -19,10 +19,11 @@ import glob
 import html
 import json
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .plots import line_plot, plt
+from ..plots import line_plot, plt
 
 LABEL_COLUMNS = ("is_corrupted", "corruption", "source", "task", "category")
 """Columns whose values the report breaks the selection down by, when present."""
@@ -137,7 +138,7 @@ def _load_run(out: str) -> dict:
     run["scored"] = load_from_disk(scored) if os.path.isdir(scored) else None
     record = os.path.join(score, "gradient_record.safetensors")
     if os.path.exists(record):
-        from .record import GradientRecord
+        from ..proxy.record import GradientRecord
 
         run["record"] = GradientRecord.load(record)
     run["proxy_log"] = _read_json(os.path.join(score, "log_history.json"), [])
@@ -168,7 +169,7 @@ def _selected_mask(n: int, sel_folder: str) -> np.ndarray:
 def label_breakdown(scored, mask: np.ndarray, column: str) -> list[list]:
     """Rows ``[value, rows, kept, kept share of its rows, share of the selection, share of the data]``
     (`selection.group_counts`)."""
-    from .selection import group_counts
+    from ..selection.top import group_counts
 
     values = list(scored[column])
     n = len(values)
@@ -231,9 +232,9 @@ def _html(blocks, title: str) -> str:
 
 def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
-    from .cli import failure_signatures
-    from .scoring import DEFAULT_SCORE, score_parts
-    from .trainer import _columns
+    from ..scores.checks import failure_signatures
+    from ..scores.scoring import DEFAULT_SCORE, score_parts
+    from ..data.columns import read_columns
 
     args, proxy = run["args"].get("run", {}), run["args"].get("proxy", {})
     column = args.get("score_column", DEFAULT_SCORE)
@@ -268,13 +269,13 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     sels = {k: v for k, v in run["selections"].items() if not k.startswith("random_")}
     masks = {k: _selected_mask(len(scored), v["folder"]) for k, v in sels.items()}
     first = next(iter(masks.values()), np.zeros(len(scored), dtype=bool))
-    values = (np.asarray(_columns(scored, [column])[column], dtype=np.float64) if column in scored.column_names
+    values = (np.asarray(read_columns(scored, [column])[column], dtype=np.float64) if column in scored.column_names
               else parts["gsnr"])
     cuts = {k.rsplit("_", 1)[-1]: v["stats"].get("threshold") for k, v in sels.items()
             if v["stats"].get("threshold") is not None}
     columns = {column: values, **{k: parts[k] for k in ("grad_early", "grad_late", "rel_drop", "ens_var_late")}}
     if "cos_late" in scored.column_names:  # direction: cosine with the member's mean gradient (late epoch)
-        cos = np.asarray(_columns(scored, ["cos_late"])["cos_late"], dtype=np.float64)
+        cos = np.asarray(read_columns(scored, ["cos_late"])["cos_late"], dtype=np.float64)
         if np.isfinite(cos).any():
             columns["cos_late"] = cos
     blocks += [("h2", "Scores"),
@@ -367,4 +368,18 @@ def write_report(output_dir: str) -> dict[str, str]:
         f.write(_md(blocks))
     with open(paths["html"], "w") as f:
         f.write(_html(blocks, "hf-gradfilter run report"))
+    return paths
+
+
+@dataclass
+class ReportArguments:
+    """Which run to report on."""
+
+    output_dir: str = field(metadata={"help": "The --output_dir of `hf-gradfilter run`."})
+
+
+def report(args: ReportArguments) -> dict[str, str]:
+    """``hf-gradfilter report DIR``: rebuild the report of a run and print where it is."""
+    paths = write_report(args.output_dir)
+    print(f"Report: {paths['html']}  (markdown: {paths['md']})")
     return paths

@@ -25,9 +25,9 @@ from datasets import Dataset
 from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
                           TrainingArguments)
 
-from .demo_data import make_demo_dataset
-from .dist import barrier, is_main_process, main_decides
-from .formatting import InstructionFormat, render
+from .data import make_demo_dataset
+from ..dist import barrier, is_main_process, main_decides
+from ..data.formatting import InstructionFormat, render
 from .tiny import tiny_gpt2, train_tokenizer
 
 DEMO_VERSION = "v1"

@@ -45,7 +45,7 @@ either a `ValueError` before any training or a policy whose rows are counted in
   scored independently; the trainer counts the repeats (rows whose hash appeared earlier) in
   ``num_duplicate_rows`` and logs a warning. The scorer matches rows by position/``example_id``,
   so each copy gets its own scores.
-- **Invalid UTF-8** in a JSON/JSONL/CSV file is refused by ``cli.load_rows`` with a one-line error
+- **Invalid UTF-8** in a JSON/JSONL/CSV file is refused by `data.io.load_rows` with a one-line error
   naming the file and the fix (re-encode it, e.g. ``iconv -f latin1 -t utf-8``).
 - **A non-finite loss** stops training with a `FloatingPointError` naming the example ids, the
   member and the global step; the partial record is saved first.

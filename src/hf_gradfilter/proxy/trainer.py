@@ -52,7 +52,8 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .config import GradFilterConfig
-from .formatting import tokenize_dataset
+from ..data.columns import column_chunks, num_repeats, read_int_columns
+from ..data.formatting import tokenize_dataset
 from .norms import LoraNormRecorder
 from .record import GradientRecord, file_array, read_record_arrays
 
@@ -60,7 +61,6 @@ logger = logging.get_logger(__name__)
 
 MEMBER_PREFIX = "member_"
 DIRECTIONS_NAME = "gradfilter_directions.safetensors"  # checkpoints: the reference directions in progress
-COLUMN_CHUNK_ROWS = 1 << 16  # rows per read when the trainer scans its integer columns
 GATHER_CHUNK_VALUES = 1 << 20  # values per all-reduce when merging the processes' records (4 MB of float32)
 
 
@@ -91,44 +91,6 @@ def response_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     nll = F.cross_entropy(logits, targets[mask], reduction="none")
     sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, mask.nonzero()[:, 0], nll)
     return sums / mask.sum(dim=1).clamp(min=1)
-
-
-def _columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
-    """Whole numeric or bool columns of a `datasets.Dataset` as numpy arrays read from Arrow, in their
-    own dtype (``datasets``' "numpy" format turns float64 into float32 and goes through lists of
-    Python objects); a null becomes NaN. The arrays may be read-only views of the Arrow data."""
-    table = dataset.with_format("arrow", columns=names)[:]
-    return {name: table.column(name).to_numpy() for name in names}
-
-
-def _column_chunks(dataset, names: list[str], chunk_rows: int | None = None):
-    """Yield ``(start, {name: array})`` over ``dataset``'s integer or bool columns without nulls, read
-    from Arrow ``chunk_rows`` rows at a time: memory stays a chunk, whatever the dataset's size.
-    (``datasets``' "numpy" format goes through a list of Python ints per whole column, ~40 bytes a
-    row that the allocator keeps after they are freed.)"""
-    start = 0
-    for table in dataset.with_format("arrow", columns=names).iter(batch_size=chunk_rows or COLUMN_CHUNK_ROWS):
-        yield start, {name: table.column(name).to_numpy() for name in names}
-        start += table.num_rows
-
-
-def _int_columns(dataset, names: list[str]) -> dict[str, np.ndarray]:
-    """Whole integer or bool columns without nulls as writable numpy arrays, filled chunk by chunk
-    (`_column_chunks`): one copy of each, no whole-column temporaries."""
-    n = len(dataset)
-    out = {name: np.empty(0, dtype=np.int64) for name in names} if n == 0 else {}
-    for start, chunk in _column_chunks(dataset, names):
-        for name, values in chunk.items():
-            if name not in out:
-                out[name] = np.empty(n, dtype=values.dtype)
-            out[name][start : start + len(values)] = values
-    return out
-
-
-def _num_repeats(values: np.ndarray) -> int:
-    """How many entries equal an earlier one (``len(values) - len(np.unique(values))``, with one sorted copy)."""
-    ordered = np.sort(values)
-    return int(np.count_nonzero(ordered[1:] == ordered[:-1]))
 
 
 def head_splits(lm) -> bool:
@@ -389,7 +351,7 @@ class GradFilterTrainer(Trainer):
         ids, hashes = (file_array((n,), np.int64, 0, args.output_dir) for _ in range(2))
         keep, num_empty, num_truncated = [], 0, 0
         names = ["example_id", "row_hash", "num_response_tokens", "empty_response", "truncated"]
-        for start, chunk in _column_chunks(tokenized, names):
+        for start, chunk in column_chunks(tokenized, names):
             stop = start + len(chunk["example_id"])
             ids[start:stop], hashes[start:stop] = chunk["example_id"], chunk["row_hash"]
             keep.append(np.flatnonzero(chunk["num_response_tokens"] > 0).astype(index_dtype) + index_dtype(start))
@@ -403,7 +365,7 @@ class GradFilterTrainer(Trainer):
             "num_truncated": num_truncated,
             "num_no_response": int(n - len(trainable)),  # includes the empty-response rows
             "num_empty_response": num_empty,
-            "num_duplicate_rows": _num_repeats(hashes),  # rows whose row_hash came earlier
+            "num_duplicate_rows": num_repeats(hashes),  # rows whose row_hash came earlier
             "max_length": args.max_length,
         }
         num_cut = self.data_stats["num_no_response"] - num_empty
@@ -482,7 +444,7 @@ class GradFilterTrainer(Trainer):
         self.sampler = MemberSampler(
             len(self.train_dataset), a.num_members, a.per_device_train_batch_size,
             a.data_seed if a.data_seed is not None else a.seed,
-            lengths=(_int_columns(self.train_dataset, ["length"])["length"]
+            lengths=(read_int_columns(self.train_dataset, ["length"])["length"]
                      if a.train_sampling_strategy == "group_by_length" else None),
             num_replicas=a.world_size, rank=a.process_index, directory=a.output_dir)
         return _EpochLoader(_Rows(self.train_dataset), batch_sampler=self.sampler, collate_fn=self.data_collator,
@@ -725,7 +687,7 @@ class GradFilterTrainer(Trainer):
         """
         size = self.args.per_device_eval_batch_size * self.args.world_size
         if getattr(self, "_by_length", None) is None:  # computed once, kept as int32: 4 bytes a row
-            order = np.argsort(-_int_columns(self.train_dataset, ["length"])["length"], kind="stable")
+            order = np.argsort(-read_int_columns(self.train_dataset, ["length"])["length"], kind="stable")
             self._by_length = order.astype(np.int32) if len(order) < 2**31 else order
         order = self._by_length
         batches = [order[i : i + size] for i in range(0, len(order), size)]

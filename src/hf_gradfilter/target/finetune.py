@@ -19,7 +19,7 @@ from peft import LoraConfig
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from .formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, check_tokenizer
+from ..data.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, check_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -123,7 +123,7 @@ def save_loss_curve(log_history: list[dict], output_dir: str) -> dict[str, str]:
         writer = csv.writer(f)
         writer.writerow(["step", "loss"])
         writer.writerows(points)
-    from .plots import line_plot
+    from ..plots import line_plot
 
     line_plot({"training loss": points}, paths["png"], xlabel="optimizer step", ylabel="loss",
               title="Target fine-tuning loss")

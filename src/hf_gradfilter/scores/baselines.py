@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formatting import InstructionFormat, _messages, _text, check_tokenizer, render, tokenize_batch
+from ..data.formatting import InstructionFormat, _messages, _text, check_tokenizer, render, tokenize_batch
 from .scorer import GSNRScorer
 from .scoring import RECORD_COLUMNS, record_parts, uniform_hash
-from .selection import select_top, top_indices
-from .trainer import _columns, head_splits, per_example_loss, response_loss
+from ..selection.top import top_indices
+from ..proxy.trainer import head_splits, per_example_loss, response_loss
 
 # column, scorer, higher is better (a keep-score for `select_top`), description
 _SPEC = [
@@ -243,21 +243,3 @@ def superfiltering_select(dataset, fraction: float, score_column: str = "ifd"):
     return dataset.select(np.sort(chosen)), stats
 
 
-def select_rows(dataset, score_column: str, fraction: float | None = None, k: int | None = None,
-                group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None):
-    """`select_top`, except that ``ifd`` follows Superfiltering's rule: `superfiltering_select` without
-    groups, and within groups rows with IFD >= 1 (or NaN) are never kept. Returns ``(selected, stats)``."""
-    group = {"group_column": group_column, "group_mode": group_mode, "quotas": quotas}
-    if score_column != "ifd":
-        return select_top(dataset, score_column, fraction=fraction, k=k, **group)
-    if group_column is None:
-        if k is not None:
-            raise ValueError("--score_column ifd selects by --ratio (Superfiltering's rule), not --top_k.")
-        return superfiltering_select(dataset, fraction)
-    if "ifd" not in dataset.column_names:
-        raise ValueError(f"Column 'ifd' is not in the dataset (columns: {dataset.column_names}); score it with "
-                         "`hf-gradfilter score --extra_scores ifd` first.")
-    ifd = np.asarray(_columns(dataset, ["ifd"])["ifd"], dtype=np.float64)
-    masked = dataset.add_column("ifd_below_1", np.where(ifd >= 1, np.nan, ifd))
-    selected, stats = select_top(masked, "ifd_below_1", fraction=fraction, k=k, **group)
-    return selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}

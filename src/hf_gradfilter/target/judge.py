@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
-from .formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from ..data.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 JUDGE_TEMPLATE = (
@@ -392,7 +392,7 @@ def report(judgements, out_dir: str, name_a: str = "A", name_b: str = "B") -> st
 
     ``judgements``: the pairs returned by `judge_pairs` / `load_judgements`, or a judgement file path.
     """
-    from .plots import plt
+    from ..plots import plt
 
     pairs = load_judgements(judgements) if isinstance(judgements, str) else judgements
     table = tally(pairs)

@@ -35,9 +35,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cli import ScoreArguments
-from .dist import barrier, is_main_process, main_decides
-from .scoring import DEFAULT_SCORE
+from ..data.columns import read_columns
+from ..data.io import load_rows
+from ..dist import barrier, is_main_process, main_decides
+from ..scores.scoring import DEFAULT_SCORE
+from ..scores.stage import ScoreArguments, score
+from ..selection.stage import select_rows
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
@@ -293,8 +296,6 @@ def run(args: RunArguments, config) -> dict:
 
 
 def _score(args: RunArguments, config, folder: str) -> dict:
-    from .cli import score
-
     trainer = score(args, dataclasses.replace(config, output_dir=folder))
     if not trainer.is_world_process_zero():
         return {}
@@ -304,13 +305,10 @@ def _score(args: RunArguments, config, folder: str) -> dict:
 
 
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
-    """Keep the top ``ratio`` by ``column`` (`baselines.select_rows`: ``ifd`` follows Superfiltering's rule;
+    """Keep the top ``ratio`` by ``column`` (`selection.stage.select_rows`: ``ifd`` follows Superfiltering's rule;
     ``args.group_column``: per group), or for ``random`` as many rows as the ``args.score_column`` selection,
     drawn uniformly (per group, as many of each group). Writes ``data/``, ``positions.npy`` (rows of the
     scored set, ascending) and ``stats.json``."""
-    from .cli import load_rows
-    from .trainer import _columns
-
     scored = load_rows(scored_path)
     n = len(scored)
     if column == "random":  # as many rows as the main selection; per group, as many of each group
@@ -329,12 +327,10 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
         stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed,
                  "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
-        from .baselines import select_rows
-
         with_pos = scored.add_column("_position", np.arange(n))
         selected, stats = select_rows(with_pos, column, fraction=ratio, group_column=args.group_column,
                                       group_mode=args.group_mode)
-        positions = np.sort(_columns(selected, ["_position"])["_position"])
+        positions = np.sort(read_columns(selected, ["_position"])["_position"])
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)
     np.save(os.path.join(folder, "positions.npy"), positions.astype(np.int64))
@@ -342,7 +338,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
         json.dump(stats, f, indent=1, default=float)
     print(f"Selected {stats['num_selected']} of {n} rows by {column!r} -> {data}")
     if stats.get("groups"):
-        from .selection import format_group_table
+        from ..selection.top import format_group_table
 
         print(format_group_table(stats["groups"], args.group_column))
     return {"num_selected": stats["num_selected"]}
@@ -373,8 +369,8 @@ def _target(args: RunArguments, out: str):
     if args.demo:
         path = os.path.join(out, "target_init")
         if main_decides(lambda: not os.path.exists(os.path.join(path, "config.json"))):  # rank 0 writes it
-            from .demo import demo_proxy
-            from .tiny import tiny_llama
+            from ..demo.backbone import demo_proxy
+            from ..demo.tiny import tiny_llama
 
             _, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
             if is_main_process():
@@ -388,12 +384,10 @@ def _target(args: RunArguments, out: str):
 
 def _eval_rows(args: RunArguments):
     if args.eval_dataset_name:
-        from .cli import load_rows
-
         rows = load_rows(args.eval_dataset_name, split=args.eval_dataset_split)
         return rows.select(range(min(len(rows), args.eval_max_rows)))
     if args.demo:
-        from .demo_data import make_demo_dataset
+        from ..demo.data import make_demo_dataset
 
         held_out = make_demo_dataset(num_rows=args.eval_max_rows, corruption_rate=0.0, seed=777)  # another seed, clean
         return held_out.select_columns(["instruction", "input", "output"])
@@ -403,8 +397,7 @@ def _eval_rows(args: RunArguments):
 def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out: str) -> dict:
     import torch
 
-    from .cli import load_rows
-    from .finetune import default_lora_config, finetune, sft_config
+    from ..target.finetune import default_lora_config, finetune, sft_config
 
     rows = load_rows(os.path.join(selected_folder, "data"))
     eval_rows = _eval_rows(args)
@@ -437,8 +430,8 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
 
 
 def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict) -> dict:
-    from . import hub
-    from .cli import load_rows, split_name
+    from ..publish import hub
+    from ..publish.push import split_name
 
     urls = {}
     if args.push_dataset_id:

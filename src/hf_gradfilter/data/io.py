@@ -1,0 +1,68 @@
+"""Rows in and out: a `datasets.Dataset` from a local file, a ``save_to_disk`` folder or the Hub, and back."""
+
+from __future__ import annotations
+
+import os
+
+
+def load_rows(name: str, config: str | None = None, split: str = "train"):
+    """A `datasets.Dataset` from a local file, a save_to_disk folder, or the Hub."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    def first_invalid_utf8(path: str, chunk_size: int = 1 << 20) -> tuple[int, int] | None:
+        """``(line, byte offset)`` of the first byte of ``path`` that is not valid UTF-8, or None."""
+        carry, offset, line = b"", 0, 1  # offset: file position of data[0]
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                data, carry = carry + chunk, b""
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if not (chunk and err.reason == "unexpected end of data"):
+                        return line + data[: err.start].count(b"\n"), offset + err.start
+                    data, carry = data[: err.start], data[err.start :]  # a character split across chunks
+                if not chunk:
+                    return None
+                offset, line = offset + len(data), line + data.count(b"\n")
+
+    if os.path.isfile(name):
+        ext = name.rsplit(".", 1)[-1].lower()
+        builder = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}.get(ext)
+        if builder is None:
+            raise ValueError(f"Cannot read {name!r}: use a .json, .jsonl, .csv or .parquet file.")
+        # Checked first: datasets 5.2 loads a JSON Lines file with invalid UTF-8 without complaint and fails
+        # only when the rows are read (UnicodeDecodeError); .json and .csv fail with DatasetGenerationError.
+        bad = first_invalid_utf8(name) if builder in ("json", "csv") else None
+        if bad is not None:
+            raise ValueError(
+                f"{name!r} is not valid UTF-8 (first bad byte at line {bad[0]}, byte offset {bad[1]}); re-encode it "
+                f"as UTF-8 from its real encoding, e.g. `iconv -f latin1 -t utf-8 {name} > fixed.{ext}`."
+            )
+        try:
+            return load_dataset(builder, data_files=name, split="train")
+        except StopIteration:  # datasets' json reader on a file with no rows
+            raise ValueError(f"The dataset file {name!r} is empty: there is nothing to score.") from None
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(os.path.join(name, "dataset_dict.json")):
+            data = load_from_disk(name)
+            if isinstance(data, DatasetDict):
+                if split not in data:
+                    raise ValueError(f"Split {split!r} not in {name} (splits: {list(data)}); pass --dataset_split.")
+                data = data[split]
+            return data
+        return load_dataset(name, config, split=split)
+    if os.sep in name and not name.count("/") == 1:
+        raise FileNotFoundError(f"No file or folder {name!r}, and it is not a Hub dataset id (namespace/name).")
+    return load_dataset(name, config, split=split)
+
+
+def save_rows(dataset, path: str) -> str:
+    ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+    if ext in ("jsonl", "json"):
+        dataset.to_json(path, lines=ext == "jsonl")
+    elif ext == "parquet":
+        dataset.to_parquet(path)
+    else:
+        dataset.save_to_disk(path)
+    return path

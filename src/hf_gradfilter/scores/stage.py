@@ -1,0 +1,118 @@
+"""The score stage (``hf-gradfilter score``): train the proxy ensemble on the rows, record every
+example's gradient norms, and write the members, the record and the scored rows."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from ..data.io import load_rows, save_rows
+from ..proxy.config import GradFilterConfig
+from ..proxy.trainer import GradFilterTrainer
+from .baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
+from .checks import failure_signatures
+from .scorer import score_dataset
+
+
+@dataclass
+class ScoreArguments:
+    """What to score and with which proxy."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A local .json/.jsonl/.csv/.parquet file, a folder saved with save_to_disk, or a Hub "
+                          "dataset id (e.g. tatsu-lab/alpaca)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to score."})
+    model_name_or_path: str = field(default="gpt2", metadata={"help": "Proxy causal LM: Hub id or local path."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub (off)."})
+    extra_scores: list[str] = field(default_factory=list, metadata={
+        "help": "Baselines to append besides G-SNR and its ablations (always added): ifd (Superfiltering, with "
+                "--ifd_model), random, response_length.", "choices": ["ifd", "random", "response_length"]})
+    ifd_model: str | None = field(default=None, metadata={"help": "Small LM for IFD (default: the proxy model)."})
+    demo: bool = field(default=False, metadata={"help": "Score the embedded demo dataset with the tiny demo proxy."})
+    demo_rows: int = field(default=3000, metadata={"help": "Rows of the demo dataset."})
+    demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
+    demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
+
+
+def score(args: ScoreArguments, config: GradFilterConfig):
+    """Train the ensemble, record norms, write members + record + the scored dataset. Returns the trainer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.demo:
+        from ..demo.backbone import demo_proxy
+        from ..demo.data import make_demo_dataset
+
+        rows = make_demo_dataset(num_rows=args.demo_rows)
+        model, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
+    else:
+        if not args.dataset_name:
+            raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
+        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
+                                                     trust_remote_code=args.trust_remote_code)
+    trainer = GradFilterTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer)
+    resume = config.resume_from_checkpoint
+    if resume is None and os.path.isdir(config.output_dir):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir)  # the same command again resumes a killed run
+    if resume:
+        print(f"Resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes the outputs
+        return trainer
+    scored = add_scores(score_dataset(rows, trainer.record), trainer, args, model, tokenizer)
+    scored_path = save_rows(scored, os.path.join(config.output_dir, "scored"))
+    trainer.scored, trainer.scored_path = scored, scored_path
+    print_score_summary(trainer)
+    return trainer
+
+
+def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
+    """Append the record-based ablations (free) and the requested baselines to the scored rows."""
+    scored = scored.map(RecordScorer(trainer.record), batched=True, with_indices=True, desc="Ablations")
+    fmt = trainer.instruction_format
+    for name in args.extra_scores:
+        adapters_off = contextlib.nullcontext()
+        if name == "ifd":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if args.ifd_model:
+                ifd_model, ifd_tok = (AutoModelForCausalLM.from_pretrained(args.ifd_model),
+                                      AutoTokenizer.from_pretrained(args.ifd_model))
+            else:  # the proxy's frozen backbone, members switched off
+                ifd_model, ifd_tok = trainer.model.get_base_model(), tokenizer
+                adapters_off = trainer.model.disable_adapter()
+            scorer = IFDScorer(ifd_model, ifd_tok, fmt=fmt, max_length=trainer.args.max_length)
+        elif name == "random":
+            scorer = RandomScorer(seed=trainer.args.seed)
+        else:
+            scorer = LengthScorer(tokenizer, fmt=fmt)
+        with adapters_off:
+            scored = scored.map(scorer, batched=True, with_indices=True, desc=name)
+    return scored
+
+
+def print_score_summary(trainer) -> None:
+    table = trainer.member_loss_table()
+    stats = trainer.data_stats
+    print("\nProxy ensemble: mean response loss per member and epoch "
+          f"({trainer.args.record_mode} mode)")
+    print("  member   " + "  ".join(f"epoch {e + 1:>2}" for e in range(table.shape[1])))
+    for m, row in enumerate(table):
+        print(f"  {m:>6}   " + "  ".join(f"{v:8.4f}" for v in row))
+    print(f"Rows: {stats['num_rows']}; truncated to max_length={stats['max_length']}: {stats['num_truncated']}; "
+          f"no response token (NaN score): {stats['num_no_response']}, of which empty responses: "
+          f"{stats.get('num_empty_response', 0)}; duplicate rows (scored each): {stats.get('num_duplicate_rows', 0)}")
+    for warning in failure_signatures(trainer.record, trainer.args.early_epoch, trainer.args.late_epoch):
+        print(f"Warning: {warning}")
+    out = trainer.args.output_dir
+    print(f"Members (PEFT adapters): {out}/member_0 ... member_{trainer.args.num_members - 1}")
+    print(f"Gradient record:         {out}/gradient_record.safetensors")
+    print(f"Scored dataset:          {trainer.scored_path}")

@@ -1,0 +1,108 @@
+"""The select stage (``hf-gradfilter select``): keep the top rows of a scored dataset by a score
+column, globally, per group or by quota, and write them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..data.columns import read_columns
+from ..data.io import load_rows, save_rows
+from ..scores.baselines import superfiltering_select
+from ..scores.scoring import DEFAULT_SCORE
+from .top import format_group_table, select_top
+
+
+def select_rows(dataset, score_column: str, fraction: float | None = None, k: int | None = None,
+                group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None):
+    """`select_top`, except that ``ifd`` follows Superfiltering's rule: `superfiltering_select` without
+    groups, and within groups rows with IFD >= 1 (or NaN) are never kept. Returns ``(selected, stats)``."""
+    group = {"group_column": group_column, "group_mode": group_mode, "quotas": quotas}
+    if score_column != "ifd":
+        return select_top(dataset, score_column, fraction=fraction, k=k, **group)
+    if group_column is None:
+        if k is not None:
+            raise ValueError("--score_column ifd selects by --ratio (Superfiltering's rule), not --top_k.")
+        return superfiltering_select(dataset, fraction)
+    if "ifd" not in dataset.column_names:
+        raise ValueError(f"Column 'ifd' is not in the dataset (columns: {dataset.column_names}); score it with "
+                         "`hf-gradfilter score --extra_scores ifd` first.")
+    ifd = np.asarray(read_columns(dataset, ["ifd"])["ifd"], dtype=np.float64)
+    masked = dataset.add_column("ifd_below_1", np.where(ifd >= 1, np.nan, ifd))
+    selected, stats = select_top(masked, "ifd_below_1", fraction=fraction, k=k, **group)
+    return selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}
+
+
+@dataclass
+class SelectArguments:
+    """Which rows to keep."""
+
+    scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
+    score_column: str = field(default=DEFAULT_SCORE, metadata={
+        "help": "Column to rank by, higher kept: fit_rank (default: low late gradient energy and low late proxy "
+                "loss, by rank; docs/remedies.md), gsnr (the paper's formula), gsnr_dir, rel_drop, raw_drop, "
+                "var_drop, neg_grad_late, neg_var_late, neg_loss_late, or a baseline added with --extra_scores "
+                "(ifd uses Superfiltering's rule), or any numeric column."})
+    ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})
+    top_k: int | None = field(default=None, metadata={"help": "Number of rows to keep (instead of --ratio)."})
+    output: str | None = field(
+        default=None,
+        metadata={"help": "Where to write the selection: a folder (save_to_disk) or a .jsonl/.json/.parquet file. "
+                          "Default: next to the scored data, named after the column and ratio."},
+    )
+    group_column: str | None = field(default=None, metadata={
+        "help": "Column naming each row's group in a mixture (e.g. task or source): print what each group kept "
+                "and allow --group_mode per_group / quota."})
+    group_mode: str = field(default="global", metadata={
+        "help": "global: the top --ratio overall; per_group: the top --ratio of every group (round(ratio * n_g), "
+                "at least 1; --top_k: k rows per group); quota: the --quota of each group.",
+        "choices": ["global", "per_group", "quota"]})
+    quota: list[str] = field(default_factory=list, metadata={
+        "help": "With --group_mode quota: GROUP=N (rows) or GROUP=0.25 (a fraction, with a decimal point), one per "
+                "group; groups without a quota follow --ratio / --top_k per group, or keep nothing."})
+
+
+def parse_quotas(items: list[str]) -> dict[str, int | float]:
+    """``["code=500", "math=0.2"]`` -> ``{"code": 500, "math": 0.2}``: an integer is a row count, a number with a
+    decimal point (or an exponent) a fraction of the group."""
+    quotas = {}
+    for item in items:
+        group, sep, value = item.rpartition("=")
+        try:
+            if not (sep and group):
+                raise ValueError
+            quotas[group] = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ValueError(f"Bad quota {item!r}: write GROUP=N (a row count, e.g. code=500) or GROUP=FRACTION "
+                             "(e.g. math=0.2).") from None
+    return quotas
+
+
+def select(args: SelectArguments):
+    quotas = parse_quotas(args.quota)
+    if quotas and args.group_mode != "quota":
+        raise ValueError(f"--quota is used with --group_mode quota (got --group_mode {args.group_mode}).")
+    if args.group_mode != "global" and args.group_column is None:
+        raise ValueError(f"--group_mode {args.group_mode} needs --group_column (e.g. task or source).")
+    if args.ratio is None and args.top_k is None and args.group_mode != "quota":
+        args.ratio = 0.1
+    if args.ratio is not None and args.top_k is not None:
+        raise ValueError("Pass either --ratio or --top_k, not both.")
+    scored = load_rows(args.scored)
+    selected, stats = select_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
+                                  group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None)
+    if args.group_mode == "quota":
+        tag = f"quota_{args.group_column}_top{stats['num_selected']}"
+    else:
+        tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
+        tag = f"per_{args.group_column}_{tag}" if args.group_mode == "per_group" else tag
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)), f"selected_{args.score_column}_{tag}")
+    save_rows(selected, output)
+    print(f"Selected {stats['num_selected']} of {stats['num_rows']} rows by {args.score_column!r} "
+          f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")
+    if args.group_column is not None:
+        print(f"Rows kept per {args.group_column!r} ({args.group_mode}):")
+        print(format_group_table(stats["groups"], args.group_column))
+    return selected, stats, output

@@ -1,0 +1,48 @@
+"""The fine-tune verb (``hf-gradfilter finetune``): the target model, its LoRA and the selected split,
+trained with `finetune` (TRL's SFTTrainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..data.formatting import DataFormatArguments
+from ..data.io import load_rows
+from .finetune import default_lora_config, finetune
+
+
+@dataclass
+class FinetuneArguments(DataFormatArguments):
+    """The target model, its LoRA, and the selected split to train on."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "The selected split: a folder written by `select`, a file, or a Hub id."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub / DatasetDict)."})
+    model_name_or_path: str = field(default="meta-llama/Llama-2-7b-hf",
+                                    metadata={"help": "Target causal LM: Hub id or local path."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the target adapter."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the target adapter."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the target adapter."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                           metadata={"help": "Modules that get LoRA ('all-linear' or names)."})
+
+
+def finetune_target(args: FinetuneArguments, config):
+    """Fine-tune the target on a selected split with TRL's SFTTrainer + LoRA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not args.dataset_name:
+        raise ValueError("Pass --dataset_name: the selected split written by `hf-gradfilter select`.")
+    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+    if len(rows) == 0:
+        raise ValueError(f"The selected split {args.dataset_name!r} is empty: select a larger ratio.")
+    remote = bool(config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=remote, dtype="auto")
+    targets = args.lora_target_modules
+    lora = default_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                               targets[0] if targets == ["all-linear"] else targets)
+    trainer = finetune(model, rows, args=config, peft_config=lora, processing_class=tokenizer,
+                       fmt=args.instruction_format)
+    print(f"Target adapter: {config.output_dir} (loss curve: {config.output_dir}/loss_curve.png)")
+    return trainer

@@ -64,7 +64,8 @@ def child(n: int, members: int, epochs: int, batch: int, workdir: str, in_memory
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_gradfilter import GradFilterConfig, GradFilterTrainer
-    from hf_gradfilter.proxy import record, trainer as trainer_module
+    from hf_gradfilter.proxy import record, sampler
+    from hf_gradfilter.proxy import rows as rows_module
 
     if in_memory:  # the comparison: the record and the data orders in anonymous memory, as before they had files
         in_ram = record.file_array
@@ -72,7 +73,7 @@ def child(n: int, members: int, epochs: int, batch: int, workdir: str, in_memory
         def file_array(shape, dtype, fill, directory=None):
             return in_ram(shape, dtype, fill, None)
 
-        record.file_array = trainer_module.file_array = file_array
+        record.file_array = rows_module.file_array = sampler.file_array = file_array
 
     baseline = rss_mb()
     sampler = PeakSampler()

@@ -30,7 +30,8 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
-from hf_gradfilter.proxy.trainer import MemberSampler, per_example_loss
+from hf_gradfilter.proxy.model import per_example_loss
+from hf_gradfilter.proxy.sampler import MemberSampler
 
 SIZES = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=1024),

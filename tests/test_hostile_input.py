@@ -73,7 +73,7 @@ def hostile(demo_rows):
 @pytest.fixture(scope="module")
 def trained(hostile, tokenizer, tmp_path_factory):
     """The hostile set through the trainer and the scorer, once for the module."""
-    logger = logging.getLogger("hf_gradfilter.proxy.trainer")
+    logger = logging.getLogger("hf_gradfilter.proxy.rows")
     records = []
     handler = logging.Handler()
     handler.emit = records.append

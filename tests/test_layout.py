@@ -90,6 +90,12 @@ def test_no_library_module_imports_the_cli():
     assert importers == [], f"the CLI is the top floor; these import it: {importers}"
 
 
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_no_module_is_over_500_lines(name):
+    lines = len(modules()[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name} has {lines} lines (at most {MAX_LINES}): split it by concern"
+
+
 def test_old_flat_module_paths_import_the_moved_modules():
     import importlib
 

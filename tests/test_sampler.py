@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from hf_gradfilter.proxy.trainer import MemberSampler
+from hf_gradfilter.proxy.sampler import MemberSampler
 
 
 def lengths(n, seed=0):

@@ -138,7 +138,7 @@ def test_bad_config_is_refused_with_the_value_named(bad, match, tmp_path):
 
 
 def test_head_on_response_positions_only_gives_the_full_logits_loss():
-    from hf_gradfilter.proxy.trainer import per_example_loss, response_loss
+    from hf_gradfilter.proxy.model import per_example_loss, response_loss
 
     torch.manual_seed(0)
     hidden, head = torch.randn(3, 7, 5), torch.nn.Linear(5, 11, bias=False)

@@ -19,7 +19,8 @@ from .scores.scorer import GSNRScorer, score_dataset
 from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
 from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
 from .scores.sweep import sweep_record
-from .proxy.trainer import GradFilterTrainer, build_ensemble, per_example_loss
+from .proxy.model import build_ensemble, per_example_loss
+from .proxy.trainer import GradFilterTrainer
 
 _moved.install()  # old flat module paths (hf_gradfilter.trainer ...) still import
 

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
-from hf_gradfilter.proxy import trainer as trainer_module
+from hf_gradfilter.proxy import merge as merge_module
 from hf_gradfilter.demo.data import make_demo_dataset
 from hf_gradfilter.data.formatting import ALPACA_PROMPT_WITH_INPUT
 from hf_gradfilter.demo.tiny import tiny_gpt2, train_tokenizer
@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--gather_chunk", type=int, default=0, help="values per all-reduce when merging records")
     args = parser.parse_args()
     if args.gather_chunk:
-        trainer_module.GATHER_CHUNK_VALUES = args.gather_chunk
+        merge_module.GATHER_CHUNK_VALUES = args.gather_chunk
 
     demo = make_demo_dataset(num_rows=400, seed=1)
     texts = [ALPACA_PROMPT_WITH_INPUT] + [r["instruction"] + " " + r["input"] + " " + r["output"] for r in demo]

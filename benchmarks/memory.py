@@ -147,17 +147,20 @@ def main():
         files, memory = pair
         results.append(pair)
         line = (f"| {n:,} | {files['record_mb']:.1f} | {files['peak_above_baseline_mb']:.0f} | "
-                f"{files['peak_above_baseline_mb'] / files['record_mb']:.2f} | {memory['peak_above_baseline_mb']:.0f} | "
+                f"{files['peak_above_baseline_mb'] / files['record_mb']:.2f} | "
+                f"{memory['peak_above_baseline_mb']:.0f} | "
                 f"{files['peak_rss_total_mb']:.0f} |")
         lines.append(line)
         print(line, flush=True)
     if len(results) > 1:
         (first, first_mem), (last, last_mem) = results[0], results[-1]
         record_growth = last["record_mb"] - first["record_mb"]
+        growth = last["peak_above_baseline_mb"] - first["peak_above_baseline_mb"]
+        growth_mem = last_mem["peak_above_baseline_mb"] - first_mem["peak_above_baseline_mb"]
         summary = (f"\nFrom {args.sizes[0]:,} to {args.sizes[-1]:,} rows the record grows by {record_growth:.0f} MB; "
-                   f"peak RssAnon grows by {last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']:.0f} MB "
-                   f"with the record and orders in files ({(last['peak_above_baseline_mb'] - first['peak_above_baseline_mb']) / record_growth:.2f}x "
-                   f"the record's growth) and by {last_mem['peak_above_baseline_mb'] - first_mem['peak_above_baseline_mb']:.0f} MB "
+                   f"peak RssAnon grows by {growth:.0f} MB "
+                   f"with the record and orders in files ({growth / record_growth:.2f}x "
+                   f"the record's growth) and by {growth_mem:.0f} MB "
                    "with them in memory.")
         lines.append(summary)
         print(summary, flush=True)

@@ -33,9 +33,9 @@ import time
 import numpy as np
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
-from hf_gradfilter.scores.baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
 from hf_gradfilter.demo.data import make_demo_dataset
+from hf_gradfilter.scores.baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from hf_gradfilter.scores.metrics import auroc
 from hf_gradfilter.scores.scoring import fit_rank, mean_loss, score_parts
 from hf_gradfilter.selection import top_indices, top_indices_by_group
@@ -142,7 +142,8 @@ def run_dataset(name, rows, proxy_dir, tokenizer, args, results):
     first_scores = None  # the keep-scores of the first train-mode run, for the downstream test
     for seed, mode in runs:
         t0 = time.time()
-        trainer = score_run(rows, model_fn, tokenizer, seed=seed, mode=mode, out=f"/tmp/hfg_quality/{name}_{mode}_{seed}",
+        trainer = score_run(rows, model_fn, tokenizer, seed=seed, mode=mode,
+                            out=f"/tmp/hfg_quality/{name}_{mode}_{seed}",
                             members=args.members, lr=args.lr, batch=args.batch)
         scores = keep_scores(rows, trainer.record, ifd)
         det = detection(scores, corrupted)
@@ -158,8 +159,8 @@ def downstream(rows, scores, tokenizer, args) -> dict:
     """Fine-tune a tiny Llama (LoRA) for the same steps on each top-10% subset; held-out clean loss curve."""
     import torch
 
-    from hf_gradfilter.target.finetune import finetune, sft_config, to_sft_rows
     from hf_gradfilter.demo.tiny import tiny_llama
+    from hf_gradfilter.target.finetune import finetune, sft_config, to_sft_rows
 
     held_out = make_demo_dataset(num_rows=300, corruption_rate=0.0, seed=777).select_columns(
         ["instruction", "input", "output"])
@@ -199,7 +200,8 @@ def downstream(rows, scores, tokenizer, args) -> dict:
 
 
 def markdown(results, down, args) -> str:
-    lines = ["# Selection quality", "", f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".rstrip(), ""]
+    command = f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".rstrip()
+    lines = ["# Selection quality", "", command, ""]
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         for mode in ("train", "snapshot"):
             runs = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]

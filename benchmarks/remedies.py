@@ -36,8 +36,8 @@ from transformers import TrainerCallback
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
 from hf_gradfilter.demo.data import make_demo_dataset
-from hf_gradfilter.scores.metrics import auroc
 from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.metrics import auroc
 from hf_gradfilter.scores.scoring import fit_rank, mean_loss, score_parts
 
 PAIRS = ((1, 2), (2, 3), (2, 4), (3, 4), (1, 4))

@@ -98,7 +98,8 @@ def run_trainer(size, rows, mode, members, batch, epochs, strategy="group_by_len
 def member_model(size, members, attn_implementation=None):
     """A trainer-built ensemble, reused by the per-example baselines (same weights and adapters)."""
     rows = alpaca_like_rows(8, SIZES[size]["vocab_size"], 64)
-    trainer = GradFilterTrainer(make_model(size, attn_implementation), args=config("/tmp/hfg_bench", "none", members, 4, 1, "random"),
+    trainer = GradFilterTrainer(make_model(size, attn_implementation),
+                                args=config("/tmp/hfg_bench", "none", members, 4, 1, "random"),
                                 train_dataset=rows)
     model = trainer.model.eval()
     return model
@@ -149,7 +150,8 @@ def run_vmap(size, rows, members, batch) -> Result:
                 grads = per_example_grad(params, ids, mask, labels)
                 torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values())).tolist()
     except Exception as err:  # noqa: BLE001 - report, do not hide, an unsupported peer
-        return Result("(d) torch.func vmap(grad)", float("nan"), 0, 0, note=f"failed: {type(err).__name__}: {err}"[:120])
+        return Result("(d) torch.func vmap(grad)", float("nan"), 0, 0,
+                      note=f"failed: {type(err).__name__}: {err}"[:120])
     seconds = time.perf_counter() - start
     tokens = sum(len(x) for x in rows["input_ids"])
     return Result("(d) torch.func vmap(grad)", seconds, len(rows) * members, tokens * members,
@@ -200,7 +202,8 @@ def report(size, results, pad, args) -> str:
     train = results[1].per_second
     lines = [f"### {size}: {args.rows if size == 'tiny' else args.rows_gpt2} rows, M={args.members}, "
              f"batch {args.batch} per member, {args.epochs} epoch(s)", "",
-             "| method | norms/s | tokens/s | time (s) | vs (a) floor | (c)/(b-train) style: b-train rate / this | note |",
+             "| method | norms/s | tokens/s | time (s) | vs (a) floor "
+             "| (c)/(b-train) style: b-train rate / this | note |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         if not r.visits:

@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 from datasets import Dataset
 
-from hf_gradfilter.demo.data import make_demo_dataset
 from hf_gradfilter.data.formatting import ALPACA_PROMPT_WITH_INPUT
+from hf_gradfilter.demo.data import make_demo_dataset
 from hf_gradfilter.demo.tiny import train_tokenizer
 
 

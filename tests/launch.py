@@ -24,5 +24,6 @@ def launch(make_cmd, env: dict, timeout: int = 600) -> subprocess.CompletedProce
         if done.returncode == 0:
             return done
         if attempt == 0:
-            warnings.warn(f"launch failed once (exit {done.returncode}), retried on a new port:\n{done.stderr[-2000:]}")
+            warnings.warn(f"launch failed once (exit {done.returncode}), retried on a new port:\n{done.stderr[-2000:]}",
+                          stacklevel=2)
     raise AssertionError(f"launch failed twice (exit {done.returncode}):\n{done.stderr[-3000:]}")

@@ -10,12 +10,20 @@ import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from hf_gradfilter.scores.baselines import (HIGHER_IS_BETTER, SCORER_OF, SCORERS, IFDScorer, LengthScorer, RandomScorer,
-                                     RecordScorer, superfiltering_select)
 from hf_gradfilter.data.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, row_hashes
-from hf_gradfilter.proxy.record import GradientRecord
-from hf_gradfilter.scores.scoring import RECORD_COLUMNS, SCORE_COLUMNS
 from hf_gradfilter.demo.tiny import tiny_gpt2
+from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.baselines import (
+    HIGHER_IS_BETTER,
+    SCORER_OF,
+    SCORERS,
+    IFDScorer,
+    LengthScorer,
+    RandomScorer,
+    RecordScorer,
+    superfiltering_select,
+)
+from hf_gradfilter.scores.scoring import RECORD_COLUMNS, SCORE_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +186,7 @@ def test_every_scorer_keeps_rows_and_columns_and_is_registered(model, tokenizer,
         assert scored.column_names == rows.column_names + list(columns)
         assert scored.select_columns(rows.column_names).to_dict() == rows.to_dict()
         assert all(SCORER_OF[c] == type(scorer).__name__ for c in columns)
-    produced = {"fit_rank", *SCORE_COLUMNS, *RECORD_COLUMNS, "ifd", "ppl_conditioned", "ppl_response", "random", "response_length"}
+    produced = {"fit_rank", *SCORE_COLUMNS, *RECORD_COLUMNS, "ifd", "ppl_conditioned", "ppl_response", "random",
+                "response_length"}
     assert set(SCORERS) == produced == set(HIGHER_IS_BETTER)
     assert not HIGHER_IS_BETTER["loss_late"] and HIGHER_IS_BETTER["neg_loss_late"]

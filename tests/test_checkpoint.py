@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_gradfilter.proxy.checkpoint import DIRECTIONS_NAME, load_directions, load_members, restore_record, save_directions
+from hf_gradfilter.proxy.checkpoint import (
+    DIRECTIONS_NAME,
+    load_directions,
+    load_members,
+    restore_record,
+    save_directions,
+)
 from hf_gradfilter.proxy.record import GradientRecord
 
 

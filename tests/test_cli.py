@@ -41,13 +41,15 @@ def jsonl(tmp_path):
 
 def test_score_then_select_on_a_jsonl_file(jsonl, proxy_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir, "--output_dir", str(out)] + TINY) == 0
+    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir,
+                 "--output_dir", str(out)] + TINY) == 0
     scored = load_from_disk(str(out / "scored"))
     assert len(scored) == 40 and {"fit_rank", "gsnr", "grad_early", "grad_late", "rel_drop",
                                   "ens_var_late"} <= set(scored.column_names)
     assert (out / "member_1" / "adapter_config.json").exists() and (out / "gradient_record.safetensors").exists()
     assert "mean response loss per member and epoch" in capsys.readouterr().out
-    assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.25", "--output", str(tmp_path / "sel.jsonl")]) == 0
+    assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.25",
+                 "--output", str(tmp_path / "sel.jsonl")]) == 0
     selected = [json.loads(line) for line in open(tmp_path / "sel.jsonl")]
     assert len(selected) == 10
     best = np.sort(np.asarray(scored["fit_rank"]))[-10:]  # the default score
@@ -96,7 +98,8 @@ def test_ratio_outside_unit_interval_gets_a_one_line_error(tmp_path, ratio, caps
     from datasets import Dataset
 
     Dataset.from_dict({"gsnr": [1.0, 2.0]}).save_to_disk(str(tmp_path / "scored"))
-    msg = run_error(["select", "--scored", str(tmp_path / "scored"), "--score_column", "gsnr", "--ratio", ratio], capsys)
+    msg = run_error(["select", "--scored", str(tmp_path / "scored"), "--score_column", "gsnr", "--ratio", ratio],
+                    capsys)
     assert f"ratio/fraction={float(ratio)} is outside (0, 1]" in msg
 
 
@@ -144,7 +147,8 @@ def test_push_commands_build_the_repo_and_call_the_hub_client_only(jsonl, proxy_
     from huggingface_hub import HfApi
 
     out = tmp_path / "out"
-    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir, "--output_dir", str(out)] + TINY) == 0
+    assert main(["score", "--dataset_name", jsonl, "--model_name_or_path", proxy_dir,
+                 "--output_dir", str(out)] + TINY) == 0
     assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.25"]) == 0
     calls = []
 
@@ -214,8 +218,8 @@ def test_judge_command_compares_two_targets_with_a_local_judge(tmp_path, tokeniz
 
 
 def test_failure_signatures_are_each_triggered_by_a_constructed_record():
-    from hf_gradfilter.scores.checks import failure_signatures
     from hf_gradfilter.proxy.record import GradientRecord
+    from hf_gradfilter.scores.checks import failure_signatures
 
     def record(norms, losses):
         n = norms.shape[0]

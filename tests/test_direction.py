@@ -22,10 +22,10 @@ from hf_gradfilter import (
     RecordScorer,
     select_top,
 )
-from hf_gradfilter.proxy.norms import LoraNormRecorder, grad_dots
-from hf_gradfilter.scores.scoring import gsnr_direction, mean_cosine, record_parts, score_parts
 from hf_gradfilter.proxy.checkpoint import DIRECTIONS_NAME
 from hf_gradfilter.proxy.model import build_ensemble
+from hf_gradfilter.proxy.norms import LoraNormRecorder, grad_dots
+from hf_gradfilter.scores.scoring import gsnr_direction, mean_cosine, record_parts, score_parts
 
 RTOL, ATOL = 1e-4, 1e-6  # cosines near 0 are held to ATOL: float32 rounding of a dot of two gradients
 
@@ -56,7 +56,8 @@ def assert_cosines(recorded: np.ndarray, expected: dict[int, float]) -> float:
 
 def train(arch, tokenizer, rows, tmp_path, **kw):
     capture = CaptureLora()
-    trainer = GradFilterTrainer(make_model(arch, tokenizer), args=config(tmp_path, lora_target_modules=TARGETS[arch], **kw),
+    trainer = GradFilterTrainer(make_model(arch, tokenizer),
+                                args=config(tmp_path, lora_target_modules=TARGETS[arch], **kw),
                                 train_dataset=rows, processing_class=tokenizer, callbacks=[capture])
     trainer.train()
     return trainer, capture

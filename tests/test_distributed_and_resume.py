@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import launch
 
 from hf_gradfilter import GradientRecord, score_parts, top_indices
-from launch import launch
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "score_tiny.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

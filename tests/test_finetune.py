@@ -9,8 +9,8 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 
-from hf_gradfilter.target.finetune import finetune, sft_config, to_sft_rows
 from hf_gradfilter.demo.tiny import tiny_llama
+from hf_gradfilter.target.finetune import finetune, sft_config, to_sft_rows
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ def test_alpaca_rows_train_on_output_and_eos_only(tokenizer):
     assert fmt.kind == "alpaca"
     assert response_text(tokenizer, tok[0]) == "blue red" + tokenizer.eos_token
     assert response_text(tokenizer, tok[1]) == "2 plus 2 is 4." + tokenizer.eos_token
-    assert "### Input:" in tokenizer.decode(tok[0]["input_ids"]) and "### Input:" not in tokenizer.decode(tok[1]["input_ids"])
+    assert "### Input:" in tokenizer.decode(tok[0]["input_ids"])
+    assert "### Input:" not in tokenizer.decode(tok[1]["input_ids"])
     assert tok["example_id"] == [0, 1]
     assert tok[0]["num_response_tokens"] == sum(t != -100 for t in tok[0]["labels"])
 
@@ -43,7 +44,8 @@ def test_messages_rows_train_on_every_assistant_turn(tokenizer):
 
 def test_custom_column_names(tokenizer):
     ds = Dataset.from_dict({"q": ["Say yes."], "a": ["yes"]})
-    tok, _ = tokenize_dataset(ds, tokenizer, InstructionFormat(kind="alpaca", instruction_column="q", output_column="a"))
+    fmt = InstructionFormat(kind="alpaca", instruction_column="q", output_column="a")
+    tok, _ = tokenize_dataset(ds, tokenizer, fmt)
     assert response_text(tokenizer, tok[0]) == "yes" + tokenizer.eos_token
 
 

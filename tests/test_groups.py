@@ -10,7 +10,6 @@ from huggingface_hub import DatasetCard
 
 from hf_gradfilter import hub
 from hf_gradfilter.cli import main
-from hf_gradfilter.selection.stage import parse_quotas
 from hf_gradfilter.selection import (
     format_group_table,
     group_counts,
@@ -18,6 +17,7 @@ from hf_gradfilter.selection import (
     top_indices,
     top_indices_by_group,
 )
+from hf_gradfilter.selection.stage import parse_quotas
 
 SIZES = {"chat": 900, "code": 80, "math": 20}
 
@@ -164,13 +164,15 @@ def scored_dir(mixture, tmp_path):
 
 
 def test_select_cli_prints_the_per_group_table_and_names_its_output(scored_dir, capsys):
-    assert main(["select", "--scored", str(scored_dir), "--score_column", "gsnr", "--group_column", "task", "--group_mode", "per_group",
+    assert main(["select", "--scored", str(scored_dir), "--score_column", "gsnr", "--group_column", "task",
+                 "--group_mode", "per_group",
                  "--ratio", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "Rows kept per 'task' (per_group)" in out
     assert out.splitlines()[-1].split() == ["math", "20", "2", "10.0%", "2.0%"]
     assert len(load_from_disk(str(scored_dir.parent / "selected_gsnr_per_task_top10pct"))) == 100
-    assert main(["select", "--scored", str(scored_dir), "--score_column", "gsnr", "--group_column", "task", "--group_mode", "quota",
+    assert main(["select", "--scored", str(scored_dir), "--score_column", "gsnr", "--group_column", "task",
+                 "--group_mode", "quota",
                  "--quota", "chat=10", "math=0.5"]) == 0
     selected = load_from_disk(str(scored_dir.parent / "selected_gsnr_quota_task_top20"))
     assert sorted(selected["task"]) == ["chat"] * 10 + ["math"] * 10
@@ -190,7 +192,8 @@ def test_select_cli_errors_name_the_bad_value(scored_dir, capsys, args, message)
 
 def test_select_cli_refuses_an_unknown_group_mode(scored_dir, capsys):
     with pytest.raises(SystemExit):
-        main(["select", "--scored", str(scored_dir), "--score_column", "gsnr", "--group_column", "task", "--group_mode", "by_task"])
+        main(["select", "--scored", str(scored_dir), "--score_column", "gsnr", "--group_column", "task",
+              "--group_mode", "by_task"])
     assert "by_task" in capsys.readouterr().err
 
 

@@ -16,10 +16,9 @@ from datasets import Dataset, load_dataset
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord, select_top
-from hf_gradfilter import hub
-from hf_gradfilter.scores.scoring import SCORE_COLUMNS
+from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord, hub, select_top
 from hf_gradfilter.demo.tiny import tiny_gpt2
+from hf_gradfilter.scores.scoring import SCORE_COLUMNS
 
 TOKEN = "hf_FAKEtokenForTests0123456789abcdef"
 SETTINGS = {"proxy_model": "gpt2", "num_members": 5, "num_train_epochs": 2, "early_epoch": 1, "late_epoch": 2,
@@ -158,7 +157,8 @@ def test_adapter_folder_loads_with_peft_and_card_names_base_model(adapter_dir, t
     card = ModelCard.load(tmp_path / "repo" / "README.md")
     data = check_card_metadata(card, ModelCardData)
     assert data["base_model"] == "gpt2" and data["datasets"] == ["me/alpaca-top"] and data["library_name"] == "peft"
-    assert "loss 3 at step 1 → 2.5 at step 2" in card.text and "(loss_curve.png)" in card.text and "Selection ratio | 0.1" in card.text
+    assert "loss 3 at step 1 → 2.5 at step 2" in card.text and "(loss_curve.png)" in card.text
+    assert "Selection ratio | 0.1" in card.text
 
 
 def test_builders_refuse_a_folder_that_is_not_empty(scored, tmp_path):
@@ -227,7 +227,8 @@ def test_missing_token_is_refused_before_any_call(scored, fake_api, monkeypatch,
     assert fake_api == []
 
 
-@pytest.mark.parametrize("repo_id", ["alpaca-top", "me/alpaca top", "me/a/b", "me/", "/name", "me/bad--name", "me/café", ""])
+@pytest.mark.parametrize("repo_id", ["alpaca-top", "me/alpaca top", "me/a/b", "me/", "/name", "me/bad--name", "me/café",
+                                     ""])
 def test_bad_repo_id_is_refused_before_any_call(repo_id, scored, fake_api, tmp_path):
     folder = hub.build_dataset_repo(tmp_path / "repo", scored, {"top_10pct": scored.select(range(3))},
                                     settings=SETTINGS)

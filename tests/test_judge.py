@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from hf_gradfilter.demo.tiny import tiny_llama
 from hf_gradfilter.target.judge import (
     EndpointJudge,
     LocalJudge,
@@ -27,7 +28,6 @@ from hf_gradfilter.target.judge import (
     tally,
     winning_score,
 )
-from hf_gradfilter.demo.tiny import tiny_llama
 
 # ------------------------------------------------------------------------------ outcome rules
 # order 1 = (A, B) scores with A shown first; order 2 = (B, A) scores with B shown first.

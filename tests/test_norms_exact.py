@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, sq_norms
 from hf_gradfilter.demo.tiny import tiny_gpt2, tiny_llama
 
-TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+           "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def make_model(arch, tokenizer):

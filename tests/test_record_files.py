@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord
 from hf_gradfilter.data import columns as columns_module
-from hf_gradfilter.proxy.record import file_array, mmap_safetensors
-from hf_gradfilter.demo.tiny import tiny_gpt2
 from hf_gradfilter.data.columns import column_chunks, read_columns, read_int_columns
+from hf_gradfilter.demo.tiny import tiny_gpt2
+from hf_gradfilter.proxy.record import file_array, mmap_safetensors
 
 
 def make_trainer(tokenizer, dataset, output_dir):

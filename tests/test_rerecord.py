@@ -26,8 +26,8 @@ def trainer(tokenizer, alpaca_small, tmp_path):
 
 def batch_of(trainer, rows):
     data = trainer.train_dataset[rows]
-    return pad_batch([{"input_ids": i, "labels": label, "example_id": e}
-                      for i, label, e in zip(data["input_ids"], data["labels"], data["example_id"])], trainer.pad_token_id)
+    rows = zip(data["input_ids"], data["labels"], data["example_id"])
+    return pad_batch([{"input_ids": i, "labels": label, "example_id": e} for i, label, e in rows], trainer.pad_token_id)
 
 
 def one_at_a_time(trainer, batch, params):

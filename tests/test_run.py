@@ -84,7 +84,8 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     assert main(["run", "--config", str(config), "--ratio", "0.25", "0.5", *hub_flags]) == 0
     assert [k for k, v in statuses(out).items() if v == "ran"] == ["push"]
     assert pushed[0] == ("me/data", 80, {"top_25pct": 20, "top_50pct": 40})
-    assert sorted(pushed[1:]) == [("me/target-top25pct", "fit_rank_top25pct"), ("me/target-top50pct", "fit_rank_top50pct")]
+    assert sorted(pushed[1:]) == [("me/target-top25pct", "fit_rank_top25pct"),
+                                  ("me/target-top50pct", "fit_rank_top50pct")]
     assert "me/target-top25pct" in (out / "report.md").read_text()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from hf_gradfilter import GSNRScorer, GradientRecord, score_dataset, score_parts, select_top, top_indices
+from hf_gradfilter import GradientRecord, GSNRScorer, score_dataset, score_parts, select_top, top_indices
 from hf_gradfilter.data.formatting import InstructionFormat, row_hashes
 
 # 2 examples, M=3 members, E=2 epochs

@@ -14,8 +14,8 @@ import pytest
 from datasets import Dataset
 
 from hf_gradfilter.cli import main
-from hf_gradfilter.scores.metrics import average_ranks, spearman
 from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.metrics import average_ranks, spearman
 from hf_gradfilter.scores.scoring import score_parts
 from hf_gradfilter.scores.sweep import (
     Setting,
@@ -144,7 +144,8 @@ def test_sweep_record_writes_csv_json_and_heatmaps(record, tmp_path):
 @pytest.fixture
 def record_dir(record, tmp_path):
     record.save(str(tmp_path / "run"))
-    Dataset.from_dict({"is_corrupted": LABELS.tolist(), "task": ["x"] * 40}).save_to_disk(str(tmp_path / "run" / "scored"))
+    scored = Dataset.from_dict({"is_corrupted": LABELS.tolist(), "task": ["x"] * 40})
+    scored.save_to_disk(str(tmp_path / "run" / "scored"))
     return tmp_path / "run"
 
 
@@ -179,8 +180,8 @@ def test_sweep_cli_errors_name_the_bad_value(record_dir, tmp_path, capsys, args,
 
 
 def test_sweep_demo_trains_the_demo_ensemble_for_four_epochs_then_sweeps_it(record, tmp_path, monkeypatch, capsys):
-    from hf_gradfilter.scores import sweep_stage
     from hf_gradfilter.demo import DEMO_LEARNING_RATE
+    from hf_gradfilter.scores import sweep_stage
 
     seen = {}
 

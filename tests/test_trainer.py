@@ -55,8 +55,10 @@ def test_member_trains_as_if_alone(tokenizer, alpaca_small, tmp_path):
 def test_members_differ_in_init_and_norms(tokenizer, alpaca_small, tmp_path):
     trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config(tmp_path),
                                 train_dataset=alpaca_small, processing_class=tokenizer)
-    a0 = {n.replace("member_0", "X"): p.detach().clone() for n, p in trainer.model.named_parameters() if ".member_0." in n}
-    a1 = {n.replace("member_1", "X"): p.detach().clone() for n, p in trainer.model.named_parameters() if ".member_1." in n}
+    a0 = {n.replace("member_0", "X"): p.detach().clone()
+          for n, p in trainer.model.named_parameters() if ".member_0." in n}
+    a1 = {n.replace("member_1", "X"): p.detach().clone()
+          for n, p in trainer.model.named_parameters() if ".member_1." in n}
     assert a0.keys() == a1.keys()
     assert any(not torch.equal(a0[k], a1[k]) for k in a0 if "lora_A" in k)
     trainer.train()

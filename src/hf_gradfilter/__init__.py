@@ -6,21 +6,28 @@ and ``cli`` on top (README: Layout).
 """
 
 from . import _moved
-from .publish import hub
-
-from .target import judge
-from .scores.baselines import HIGHER_IS_BETTER, SCORERS, IFDScorer, LengthScorer, RandomScorer, RecordScorer, superfiltering_select
-from .proxy.config import GradFilterConfig
-from .target.finetune import finetune, sft_config
 from .data.formatting import InstructionFormat, tokenize_dataset
+from .proxy.config import GradFilterConfig
+from .proxy.model import build_ensemble, per_example_loss
 from .proxy.norms import LoraNormRecorder, sq_norms
 from .proxy.record import GradientRecord
+from .proxy.trainer import GradFilterTrainer
+from .publish import hub
+from .scores.baselines import (
+    HIGHER_IS_BETTER,
+    SCORERS,
+    IFDScorer,
+    LengthScorer,
+    RandomScorer,
+    RecordScorer,
+    superfiltering_select,
+)
 from .scores.scorer import GSNRScorer, score_dataset
 from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
-from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
 from .scores.sweep import sweep_record
-from .proxy.model import build_ensemble, per_example_loss
-from .proxy.trainer import GradFilterTrainer
+from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
+from .target import judge
+from .target.finetune import finetune, sft_config
 
 _moved.install()  # old flat module paths (hf_gradfilter.trainer ...) still import
 

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if GradFilterConfig in types:
             if "--output_dir" not in rest:
-                rest += ["--output_dir", {"demo": "demo_out", "sweep": "sweep_output"}.get(command, "gradfilter_output")]
+                default = {"demo": "demo_out", "sweep": "sweep_output"}.get(command, "gradfilter_output")
+                rest += ["--output_dir", default]
             if command == "sweep" and "--demo" in rest and "--num_train_epochs" not in rest:
                 rest += ["--num_train_epochs", "4"]
             if command == "demo" or (command == "sweep" and "--demo" in rest):

@@ -10,7 +10,7 @@ With one process (or no process group) these are no-ops.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

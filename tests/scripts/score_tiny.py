@@ -14,10 +14,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
-from hf_gradfilter.proxy import merge as merge_module
-from hf_gradfilter.demo.data import make_demo_dataset
 from hf_gradfilter.data.formatting import ALPACA_PROMPT_WITH_INPUT
+from hf_gradfilter.demo.data import make_demo_dataset
 from hf_gradfilter.demo.tiny import tiny_gpt2, train_tokenizer
+from hf_gradfilter.proxy import merge as merge_module
 
 
 class StepLog(TrainerCallback):

@@ -44,7 +44,7 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
         except StopIteration:  # datasets' json reader on a file with no rows
             raise ValueError(f"The dataset file {name!r} is empty: there is nothing to score.") from None
     if os.path.isdir(name):
-        if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(os.path.join(name, "dataset_dict.json")):
+        if any(os.path.exists(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
             data = load_from_disk(name)
             if isinstance(data, DatasetDict):
                 if split not in data:

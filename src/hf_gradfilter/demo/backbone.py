@@ -22,12 +22,17 @@ import os
 
 import torch
 from datasets import Dataset
-from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
 
-from .data import make_demo_dataset
-from ..dist import barrier, is_main_process, main_decides
 from ..data.formatting import InstructionFormat, render
+from ..dist import barrier, is_main_process, main_decides
+from .data import make_demo_dataset
 from .tiny import tiny_gpt2, train_tokenizer
 
 DEMO_VERSION = "v1"

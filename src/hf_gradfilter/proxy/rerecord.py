@@ -15,7 +15,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def rerecord(trainer, model, batch: dict, name: str, weight: torch.Tensor, scale: float, directions: bool) -> torch.Tensor:
+def rerecord(trainer, model, batch: dict, name: str, weight: torch.Tensor, scale: float,
+             directions: bool) -> torch.Tensor:
     """The batch's norms (and cosines, batch gradient sum) again, from a float32 forward and a
     backward of the unscaled loss that leaves the parameters' gradients alone.
 

@@ -19,7 +19,7 @@ from .sampler import pad_batch
 
 
 def length_order(dataset) -> np.ndarray:
-    """Row positions sorted by the ``length`` column, longest first (stable), as int32 below 2^31 rows: 4 bytes a row."""
+    """Row positions sorted by the ``length`` column, longest first (stable); int32 below 2^31 rows (4 bytes a row)."""
     order = np.argsort(-read_int_columns(dataset, ["length"])["length"], kind="stable")
     return order.astype(np.int32) if len(order) < 2**31 else order
 
@@ -60,8 +60,8 @@ def record_snapshot(trainer, epoch: int) -> None:
             mine = np.array_split(global_batch, world)[rank]
             if len(mine):
                 chunk = trainer.train_dataset[mine.tolist()]
-                feats = [{"input_ids": i, "labels": l, "example_id": e}
-                         for i, l, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
+                feats = [{"input_ids": i, "labels": lab, "example_id": e}
+                         for i, lab, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
                 batch = trainer._prepare_inputs(pad_batch(feats, trainer.pad_token_id))
                 trainer.recorder.start(len(feats), trainer.args.device, member=name)
                 losses = trainer._member_forward(model, batch)

@@ -294,7 +294,8 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     )
     table = [{"name": s, "rows": len(d), "share": f"{len(d) / max(n, 1):.1%}", "cut": _fmt(cuts.get(s, math.nan))}
              for s, d in splits.items()]
-    stats = _stats_rows({c: scored[c] for c in dict.fromkeys([score_column, *SCORE_COLUMNS]) if c in scored.column_names})
+    columns = [c for c in dict.fromkeys([score_column, *SCORE_COLUMNS]) if c in scored.column_names]
+    stats = _stats_rows({c: scored[c] for c in columns})
     title = f"{source_dataset} — G-SNR scored and selected" if source_dataset else "G-SNR scored and selected data"
     _write_card(folder, DatasetCard, data, "dataset_card.md", title=title, source_dataset=source_dataset,
                 splits=table, settings=_settings_rows({**(settings or {}), "score_column": score_column}), stats=stats,
@@ -408,6 +409,7 @@ def build_adapter_repo(folder, adapter_dir, *, base_model: str | None = None, da
                 base_model=base_model, datasets=_as_list(datasets), lora=lora,
                 settings=_settings_rows(settings) if settings else None, loss_points=len(points),
                 first=(points[0][0], _fmt(points[0][1])) if points else None,
-                last=(points[-1][0], _fmt(points[-1][1])) if points else None, plot="loss_curve.png" if has_plot else None, has_tokenizer="tokenizer_config.json" in copied,
+                last=(points[-1][0], _fmt(points[-1][1])) if points else None,
+                plot="loss_curve.png" if has_plot else None, has_tokenizer="tokenizer_config.json" in copied,
                 repo_id=repo_id or PLACEHOLDER_REPO)
     return str(folder)

@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -258,8 +259,7 @@ def run(args: RunArguments, config) -> dict:
                 "group": [args.group_column, args.group_mode],
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
-            work = (lambda s=stage, c=column, r=ratio: _select(scored_path, s.folder, c, r, args, config.seed))
-            _run_stage(stage, work, statuses)
+            _run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
             selections[name] = (stage.folder, stage.fingerprint)
 
     targets = {}

@@ -180,6 +180,10 @@ def label_breakdown(scored, mask: np.ndarray, column: str) -> list[list]:
 
 # ---- blocks -> markdown / html -------------------------------------------------------------------
 
+def _md_cell(value) -> str:
+    return str(value).replace("|", "\\|")
+
+
 def _md(blocks) -> str:
     lines = []
     for kind, *rest in blocks:
@@ -195,9 +199,8 @@ def _md(blocks) -> str:
             lines += [f"![{rest[1]}]({rest[0]})", ""]
         elif kind == "table":
             header, rows = rest
-            esc = lambda c: str(c).replace("|", "\\|")
-            lines += ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows] + [""]
+            lines += ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows] + [""]
     return "\n".join(lines)
 
 
@@ -232,13 +235,16 @@ def _html(blocks, title: str) -> str:
 
 def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
+    from ..data.columns import read_columns
     from ..scores.checks import failure_signatures
     from ..scores.scoring import DEFAULT_SCORE, score_parts
-    from ..data.columns import read_columns
 
     args, proxy = run["args"].get("run", {}), run["args"].get("proxy", {})
     column = args.get("score_column", DEFAULT_SCORE)
-    rel = lambda name: os.path.join(os.path.basename(fig_dir), name)
+
+    def rel(name: str) -> str:
+        return os.path.join(os.path.basename(fig_dir), name)
+
     source = "embedded demo dataset" if args.get("demo") else args.get("dataset_name")
     proxy_name = "tiny demo GPT-2" if args.get("demo") else args.get("model_name_or_path")
     blocks = [("h1", "hf-gradfilter run report"),

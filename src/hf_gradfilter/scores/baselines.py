@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from ..data.formatting import InstructionFormat, _messages, _text, check_tokenizer, render, tokenize_batch
+from ..proxy.model import head_splits, per_example_loss, response_loss
+from ..selection.top import top_indices
 from .scorer import GSNRScorer
 from .scoring import RECORD_COLUMNS, record_parts, uniform_hash
-from ..selection.top import top_indices
-from ..proxy.model import head_splits, per_example_loss, response_loss
 
 # column, scorer, higher is better (a keep-score for `select_top`), description
 _SPEC = [

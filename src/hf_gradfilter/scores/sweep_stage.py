@@ -28,7 +28,8 @@ class SweepArguments:
     label_column: str | None = field(default=None, metadata={
         "help": "Boolean column, True = a bad row (e.g. is_corrupted): adds the AUROC of each setting."})
     score: list[str] = field(default_factory=lambda: [DEFAULT_SCORE, "gsnr"], metadata={
-        "help": "Scores to sweep: fit_rank, gsnr, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, neg_loss_late..."})
+        "help": "Scores to sweep: fit_rank, gsnr, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, "
+                "neg_loss_late..."})
     epochs: list[int] = field(default_factory=list, metadata={
         "help": "Epochs to pair as (s, t), s < t (default: every recorded epoch)."})
     members: list[int] = field(default_factory=list, metadata={
@@ -83,7 +84,8 @@ def sweep(args: SweepArguments, config: GradFilterConfig):
             scored = load_rows(where)
     labels = _labels(scored, label_column, record) if label_column else None
     start = time.perf_counter()
-    result = sweep_record(record, config.output_dir, labels=labels, scores=tuple(args.score), epochs=args.epochs or None,
+    result = sweep_record(record, config.output_dir, labels=labels, scores=tuple(args.score),
+                          epochs=args.epochs or None,
                           member_counts=args.members or None, max_subsets=args.max_subsets, seed=args.subset_seed,
                           reference=tuple(args.reference_epochs), label_column=label_column)
     s0, t0 = args.reference_epochs

@@ -98,7 +98,8 @@ def select(args: SelectArguments):
     else:
         tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
         tag = f"per_{args.group_column}_{tag}" if args.group_mode == "per_group" else tag
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)), f"selected_{args.score_column}_{tag}")
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)),
+                                         f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
     print(f"Selected {stats['num_selected']} of {stats['num_rows']} rows by {args.score_column!r} "
           f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")

@@ -13,7 +13,8 @@ from . import judge
 class JudgeArguments:
     """Pairwise LLM-as-a-judge between two fine-tuned targets (resumable: rerun to continue)."""
 
-    target_a: str = field(metadata={"help": "Target A: a model or adapter folder (e.g. fine-tuned on the G-SNR split)."})
+    target_a: str = field(metadata={
+        "help": "Target A: a model or adapter folder (e.g. fine-tuned on the G-SNR split)."})
     target_b: str = field(metadata={"help": "Target B: the model to compare against (e.g. random split)."})
     prompts: list[str] = field(metadata={"help": "Prompt sets: .jsonl/.json files (Vicuna, Koala, WizardLM, "
                                                  "Self-Instruct, LIMA schemas) or Hub dataset ids."})

@@ -36,3 +36,27 @@ def test_select_positions_keeps_the_given_rows_and_all_rows_as_they_are():
     data = Dataset.from_dict({"a": list(range(10))})
     assert select_positions(data, np.arange(10)) is data
     assert select_positions(data, np.array([1, 4, 5, 9]))["a"] == [1, 4, 5, 9]
+
+
+class NoPythonLoop(np.ndarray):
+    """Positions that refuse to be walked one by one in Python (what ``Dataset.select`` does with them)."""
+
+    def __iter__(self):
+        raise AssertionError("the positions were iterated in Python")
+
+
+def test_a_million_rows_are_selected_without_a_python_loop_over_the_positions():
+    n = 1_000_000
+    data = Dataset.from_dict({"a": np.arange(n, dtype=np.int32)})
+    positions = np.delete(np.arange(n, dtype=np.int32), [5, 600_000]).view(NoPythonLoop)
+    selected = select_positions(data, positions)
+    assert len(selected) == n - 2 and selected[5]["a"] == 6 and selected[-1]["a"] == n - 1
+    assert selected[599_998]["a"] == 599_999 and selected[599_999]["a"] == 600_001
+
+
+def test_select_positions_keeps_the_format_and_a_mapped_dataset_composes():
+    data = Dataset.from_dict({"a": list(range(10)), "b": list(range(10))}).with_format("numpy", columns=["a"])
+    selected = select_positions(data, np.array([2, 3, 7]))
+    assert selected.format["type"] == "numpy" and selected[:]["a"].tolist() == [2, 3, 7] and "b" not in selected[:]
+    mapped = select_positions(Dataset.from_dict({"a": list(range(10))}).select([9, 8, 7, 6]), np.array([1, 3]))
+    assert mapped["a"] == [8, 6]

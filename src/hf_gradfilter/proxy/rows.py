@@ -8,7 +8,11 @@ which it logs and which the record keeps. `select_positions` then keeps the trai
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+import pyarrow as pa
+from datasets import Dataset
 from transformers.utils import logging
 
 from ..data.columns import column_chunks, num_repeats
@@ -70,6 +74,23 @@ def survey_rows(tokenized, max_length: int, directory: str | None = None):
     return ids, hashes, trainable, data_stats
 
 
-def select_positions(dataset, positions: np.ndarray):
-    """``dataset.select(positions)``; all rows: the dataset itself (no index map)."""
-    return dataset if len(positions) == len(dataset) else dataset.select(positions)
+def select_positions(dataset: Dataset, positions: np.ndarray) -> Dataset:
+    """``dataset.select(positions)`` for ascending int ``positions``, without a Python loop over them.
+
+    All rows: the dataset itself (no index map). Otherwise the index map is built from the array
+    in one Arrow call (``Dataset.select`` checks contiguity and builds its map through a list of
+    Python ints: seconds and ~40 bytes a row at a million rows).
+    """
+    positions = np.asarray(positions)
+    if len(positions) == len(dataset):
+        return dataset
+    if dataset._indices is not None or len(positions) == 0:  # already mapped: datasets composes the maps
+        return dataset.select(positions)
+    indices = pa.table({"indices": pa.array(positions.astype(np.uint64, copy=False))})
+    fingerprint = hashlib.sha256(f"{dataset._fingerprint}-select-".encode() + positions.tobytes()).hexdigest()[:16]
+    out = Dataset(dataset.data, info=dataset.info.copy(), split=dataset.split, indices_table=indices,
+                  fingerprint=fingerprint)
+    fmt = dataset.format
+    out.set_format(fmt["type"], columns=fmt["columns"], output_all_columns=fmt["output_all_columns"],
+                   **fmt["format_kwargs"])
+    return out

@@ -62,3 +62,50 @@ def test_tokenizer_without_chat_template_is_refused_for_conversations(tokenizer,
     convo = Dataset.from_dict({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]})
     with pytest.raises(ValueError, match="chat_template"):
         finetune(tiny_llama(tokenizer, hidden_size=32), convo, processing_class=bare, output_dir=str(tmp_path))
+
+
+@pytest.fixture
+def sft_warnings():
+    """The warnings `to_sft_rows` logs."""
+    import logging
+
+    logger, records = logging.getLogger("hf_gradfilter.target.finetune"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+ODD_ROWS = {
+    "alpaca": Dataset.from_dict({"instruction": ["Add", "Sort", None, "Spell"], "input": [None, "3 1", "", "cat"],
+                                 "output": ["5", "   ", "12", None]}),
+    "prompt_completion": Dataset.from_dict({"prompt": ["Say hi", "Say no", "Count", None],
+                                            "completion": ["hi", "", None, "3"]}),
+    "messages": Dataset.from_dict({"messages": [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}],
+        None,
+        [{"role": "user", "content": None}, {"role": "assistant", "content": "7"}]]}),
+}
+KEPT = {"alpaca": [("Add", "5"), (None, "12")], "prompt_completion": [("Say hi", "hi"), ("", "3")],
+        "messages": [("hi", "hello"), ("", "7")]}
+
+
+@pytest.mark.parametrize("kind", list(ODD_ROWS))
+def test_rows_with_an_empty_response_are_not_trained_on_and_are_counted(kind, sft_warnings):
+    rows = to_sft_rows(ODD_ROWS[kind])
+    assert len(rows) == 2  # the scoring policies: an empty response is never trained on
+    for row, (prompt, response) in zip(rows, KEPT[kind]):
+        if kind == "messages":
+            assert [m["content"] for m in row["messages"]] == [prompt, response]  # null content read as ""
+        else:
+            assert row["completion"] == response and (prompt is None or prompt in row["prompt"])
+    assert any("2 row(s) have an empty response and are not trained on" in r.getMessage() for r in sft_warnings)
+
+
+def test_no_row_with_a_response_is_an_error_and_a_list_in_a_text_column_names_the_row():
+    with pytest.raises(ValueError, match="No row has a response to fine-tune on: all 2 are empty"):
+        to_sft_rows(Dataset.from_dict({"prompt": ["a", "b"], "completion": ["", None]}))
+    with pytest.raises(ValueError, match="Column 'completion' of example id 1 holds a list"):
+        to_sft_rows(Dataset.from_dict({"prompt": ["a", "b"], "completion": [None, ["y"]]}))

@@ -49,6 +49,9 @@ either a `ValueError` before any training or a policy whose rows are counted in
   naming the file and the fix (re-encode it, e.g. ``iconv -f latin1 -t utf-8``).
 - **A non-finite loss** stops training with a `FloatingPointError` naming the example ids, the
   member and the global step; the partial record is saved first.
+- **Fine-tuning the target** (`target.finetune.to_sft_rows`) reads the rows with the same policies;
+  a row with an empty response is dropped there (not trained on) and the dropped rows are counted
+  in a warning.
 - **A dataset changed between scoring and selecting** is refused by `GSNRScorer` (row hash or row
   count mismatch), never silently mis-scored.
 """

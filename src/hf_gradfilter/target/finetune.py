@@ -2,8 +2,9 @@
 
 Alpaca rows are turned into TRL prompt/completion rows with the same Alpaca template the proxy
 saw (`formatting.render`), so the loss is on the completion only (TRL's default for that format)
-and TRL appends the eos token. Prompt/completion and conversational (``messages``) rows pass
-through unchanged. The paper's targets are ``meta-llama/Llama-2-7b-hf`` and ``-13b-hf``; offline,
+and TRL appends the eos token. Prompt/completion and conversational (``messages``) rows keep their
+format. Odd rows get scoring's policies (`to_sft_rows`): an empty response is never trained on.
+The paper's targets are ``meta-llama/Llama-2-7b-hf`` and ``-13b-hf``; offline,
 the same code trains a tiny ``LlamaConfig`` model.
 """
 
@@ -19,29 +20,55 @@ from peft import LoraConfig
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from ..data.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, check_tokenizer
+from ..data.formatting import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_WITH_INPUT,
+    InstructionFormat,
+    _content_is_empty,
+    _is_empty,
+    _messages,
+    _text,
+    check_tokenizer,
+)
 
 logger = logging.get_logger(__name__)
 
 
 def to_sft_rows(dataset, fmt: InstructionFormat | None = None):
-    """Rows TRL's SFTTrainer understands: ``prompt``/``completion`` (from Alpaca) or ``messages``."""
+    """Rows TRL's SFTTrainer understands: ``prompt``/``completion`` (from Alpaca or prompt/completion) or ``messages``.
+
+    The odd-input policies of scoring hold here too (`data.formatting`, "Odd input"): a null text reads
+    as ``""`` and a number as its text, a list, dict or bytes in a text column is refused naming the
+    row, and a row whose response is empty (or a conversation with no non-empty assistant turn) is not
+    trained on: it is dropped, and the dropped rows are counted in a warning. No row left is an error.
+    """
     fmt = (fmt or InstructionFormat()).resolve(dataset.column_names)
-    if fmt.kind == "messages":
-        return dataset.select_columns([fmt.messages_column]).rename_columns(
-            {fmt.messages_column: "messages"} if fmt.messages_column != "messages" else {})
-    if fmt.kind == "prompt_completion":
-        rename = {fmt.prompt_column: "prompt", fmt.completion_column: "completion"}
-        return dataset.select_columns(list(rename)).rename_columns({k: v for k, v in rename.items() if k != v})
-    has_input = fmt.input_column in dataset.column_names
+    has_input = fmt.kind == "alpaca" and fmt.input_column in dataset.column_names
 
-    def alpaca(row):
-        inp = (row.get(fmt.input_column) or "") if has_input else ""
-        template = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
-        prompt = template.format(instruction=row[fmt.instruction_column] or "", input=inp)
-        return {"prompt": prompt, "completion": row[fmt.output_column] or ""}
+    def convert(row, i):
+        if fmt.kind == "messages":
+            messages = _messages(row.get(fmt.messages_column), fmt.messages_column, i)
+            empty = all(_content_is_empty(m.get("content")) for m in messages if m.get("role") == "assistant")
+            return {"messages": messages, "_empty": empty}
+        if fmt.kind == "prompt_completion":
+            prompt = _text(row.get(fmt.prompt_column), fmt.prompt_column, i)
+            completion = _text(row.get(fmt.completion_column), fmt.completion_column, i)
+        else:
+            inp = _text(row.get(fmt.input_column), fmt.input_column, i) if has_input else ""
+            template = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
+            prompt = template.format(instruction=_text(row.get(fmt.instruction_column), fmt.instruction_column, i),
+                                     input=inp)
+            completion = _text(row.get(fmt.output_column), fmt.output_column, i)
+        return {"prompt": prompt, "completion": completion, "_empty": _is_empty(completion)}
 
-    return dataset.map(alpaca, remove_columns=dataset.column_names, desc="Formatting for SFT")
+    rows = dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, desc="Formatting for SFT")
+    empty = int(sum(rows["_empty"]))
+    if empty == len(rows):
+        raise ValueError(f"No row has a response to fine-tune on: all {empty} are empty; fill in the responses.")
+    if empty:
+        logger.warning(f"{empty} row(s) have an empty response and are not trained on (as in scoring).")
+        rows = rows.filter(lambda flag: not flag, input_columns="_empty")
+    return rows.remove_columns("_empty")
 
 
 def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05,

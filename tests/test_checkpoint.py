@@ -69,3 +69,11 @@ def test_a_record_of_other_rows_or_settings_is_refused(other, tmp_path):
 def test_a_checkpoint_missing_a_member_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no adapter for member_0; .* with this num_members"):
         load_members(torch.nn.Linear(2, 2), ["member_0"], str(tmp_path))
+
+
+def test_the_count_of_batches_recorded_again_is_read_from_the_checkpoints_record(tmp_path):
+    saved = record()
+    saved.save(str(tmp_path / "none"))
+    saved.metadata["num_rerecorded_batches"] = 3
+    saved.save(str(tmp_path / "three"))
+    assert saved_rerecord_count(str(tmp_path / "none")) == 0 and saved_rerecord_count(str(tmp_path / "three")) == 3

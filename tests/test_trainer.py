@@ -196,6 +196,22 @@ def test_an_overflowed_batch_is_recorded_again_and_the_record_equals_a_clean_run
     np.testing.assert_allclose(trainer.record.cosines, reference.record.cosines, rtol=1e-4, atol=1e-6)
 
 
+def test_the_count_of_batches_recorded_again_survives_a_resume(tokenizer, alpaca_small, tmp_path):
+    def run(resume=None):
+        trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2),
+                                    args=config(tmp_path, save_strategy="steps", save_steps=2),
+                                    train_dataset=alpaca_small, processing_class=tokenizer)
+        _as_if_loss_scaled(trainer)
+        _overflow_on(trainer, {1, 4} if resume is None else set())  # two batches overflow before checkpoint-2
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run()
+    assert full.record.metadata["num_rerecorded_batches"] == 2
+    resumed = run(str(tmp_path / "checkpoint-2"))  # nothing overflows after the checkpoint
+    assert resumed.num_rerecorded_batches == 2 and resumed.record.metadata["num_rerecorded_batches"] == 2
+
+
 def test_a_norm_still_not_finite_in_float32_names_the_example_and_keeps_the_record(tokenizer, alpaca_small,
                                                                                      tmp_path):
     for scaled, match in ((True, r"gradient norm \(also in float32\) for example id"),

@@ -1,7 +1,8 @@
 """What a `GradFilterTrainer` checkpoint holds besides the Trainer's own state (optimizer, scheduler,
 RNG, step): every member's adapter (``member_m/``), the partial record, and the members' reference
 directions of the epoch in progress (`DIRECTIONS_NAME`), so a run resumed mid-epoch records what an
-uninterrupted run would."""
+uninterrupted run would, and the count of batches recorded again in float32 so far (in the record's
+metadata)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 import numpy as np
 
-from .record import read_record_arrays
+from .record import read_record_arrays, read_record_metadata
 
 DIRECTIONS_NAME = "gradfilter_directions.safetensors"  # checkpoints: the reference directions in progress
 
@@ -68,3 +69,9 @@ def restore_record(record, checkpoint: str, into: bool = True) -> None:
                              "settings; use a fresh output_dir.")
         if name != "row_hash" and into:
             getattr(record, name)[:] = array
+
+
+def saved_rerecord_count(checkpoint: str) -> int:
+    """How many member batches were recorded again in float32 (`rerecord`) before ``checkpoint`` was saved,
+    over all processes (the record's ``num_rerecorded_batches`` metadata; 0 when none was)."""
+    return int(read_record_metadata(checkpoint).get("num_rerecorded_batches", 0))

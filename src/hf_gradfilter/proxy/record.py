@@ -121,8 +121,7 @@ class GradientRecord:
         arrays read-only from the file instead (`mmap_safetensors`)."""
         path = _record_file(path)
         tensors = mmap_safetensors(path) if mmap else load_file(path)
-        with safe_open(path, framework="numpy") as f:
-            meta = json.loads((f.metadata() or {}).get("hf_gradfilter", "{}"))
+        meta = read_record_metadata(path)
         return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta,
                    tensors.get("cosines"))
 
@@ -201,3 +200,9 @@ def read_record_arrays(path: str, names):
     for name in names:
         if name in arrays:
             yield name, arrays[name]
+
+
+def read_record_metadata(path: str) -> dict:
+    """The metadata of the record at ``path`` (a directory or a ``.safetensors`` file), without its arrays."""
+    with safe_open(_record_file(path), framework="numpy") as f:
+        return json.loads((f.metadata() or {}).get("hf_gradfilter", "{}"))

@@ -57,7 +57,7 @@ from transformers.utils import logging
 
 from ..data.columns import read_int_columns
 from ..data.formatting import tokenize_dataset
-from .checkpoint import load_directions, load_members, restore_record, save_directions
+from .checkpoint import load_directions, load_members, restore_record, save_directions, saved_rerecord_count
 from .config import GradFilterConfig
 from .merge import average_gradients, merge_records
 from .model import build_ensemble, head_splits, member_name, per_example_loss, response_loss
@@ -199,12 +199,9 @@ class GradFilterTrainer(Trainer):
             output = super().train(*args, **kwargs)
         finally:
             self._activate(self.member_names)
-        count = torch.tensor(self.num_rerecorded_batches, device=self.args.device)
-        if self.args.world_size > 1:
-            torch.distributed.all_reduce(count)
-        if count.item():
-            self._local.metadata["num_rerecorded_batches"] = int(count.item())
-            logger.warning(f"{int(count.item())} member batch(es) overflowed (fp16 loss scale) and were recorded "
+        count = self._count_rerecorded()
+        if count:
+            logger.warning(f"{count} member batch(es) overflowed (fp16 loss scale) and were recorded "
                            "again in float32; the loss scaler skips the optimizer step of such a batch.")
         self.gather_record()
         return output
@@ -276,6 +273,15 @@ class GradFilterTrainer(Trainer):
                 self._member_loss[m] += member_loss.cpu()
         self._member_loss_steps += 1
         return total / len(self.member_names)
+
+    def _count_rerecorded(self) -> int:
+        """The batches recorded again so far over all processes (a collective call), kept in the record's metadata."""
+        count = torch.tensor(self.num_rerecorded_batches, device=self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(count)
+        if count.item():
+            self._local.metadata["num_rerecorded_batches"] = int(count.item())
+        return int(count.item())
 
     def _rerecord(self, model, batch, name, weight, scale, directions) -> torch.Tensor:
         """The batch's norms again in float32, after an fp16 overflow (`rerecord.rerecord`)."""
@@ -400,7 +406,8 @@ class GradFilterTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """Checkpoint = Trainer's (members, optimizer, scheduler, RNG, state) + the partial record."""
-        self.gather_record()  # collective: every process takes part
+        self._count_rerecorded()  # collective, as is the merge: every process takes part
+        self.gather_record()
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -408,6 +415,8 @@ class GradFilterTrainer(Trainer):
         restores the rest; `checkpoint`)."""
         load_members(self.accelerator.unwrap_model(model or self.model), self.member_names, resume_from_checkpoint)
         restore_record(self._local, resume_from_checkpoint, into=self.args.process_index == 0)
+        if self.args.process_index == 0:  # the count is summed over processes when saved next
+            self.num_rerecorded_batches = saved_rerecord_count(resume_from_checkpoint)
         epoch = load_directions(self.recorder, resume_from_checkpoint, self.args.device)
         if epoch is not None:
             self._direction_epoch = epoch

@@ -12,6 +12,7 @@ from hf_gradfilter.proxy.checkpoint import (
     load_members,
     restore_record,
     save_directions,
+    saved_rerecord_count,
 )
 from hf_gradfilter.proxy.record import GradientRecord
 

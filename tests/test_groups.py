@@ -230,3 +230,17 @@ def test_ifd_just_above_one_is_dropped_in_float64_as_stored():
     rows = Dataset.from_dict({"task": ["a", "a", "b", "b"], "ifd": [1 + 1e-9, 0.5, 1 - 1e-9, 0.4]})
     selected, _ = select_rows(rows, "ifd", fraction=0.5, group_column="task", group_mode="per_group")
     assert selected["ifd"] == [0.5, 1 - 1e-9]
+
+
+@pytest.mark.parametrize("format_type", [None, "torch", "numpy"])
+def test_float64_scores_are_read_as_stored_whatever_the_datasets_format(format_type):
+    from hf_gradfilter import superfiltering_select
+
+    # 1 + 2^-30 and 1 - 2^-30 are 1.0 in float32 (datasets' torch format): the ranking and the IFD < 1 rule
+    # below hold only in float64, as stored.
+    rows = Dataset.from_dict({"gsnr": [1.0, 1.0 + 2**-30, 0.5], "ifd": [0.5, 1 - 2**-30, 1.5]})
+    rows = rows.with_format(format_type) if format_type else rows
+    top, stats = select_top(rows, "gsnr", k=1)
+    assert list(top.with_format(None)["gsnr"]) == [1.0 + 2**-30] and stats["threshold"] == 1.0 + 2**-30
+    kept, _ = superfiltering_select(rows, fraction=0.34)
+    assert list(kept.with_format(None)["ifd"]) == [1 - 2**-30]

@@ -27,6 +27,7 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..data.columns import read_columns
 from ..proxy.record import RECORD_NAME, GradientRecord
 from ..scores.scoring import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
 
@@ -279,8 +280,9 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     splits = {"scored": scored, **selected}
     for name, split in splits.items():
         split.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
-    scores = np.asarray(scored[score_column], dtype=np.float64)
-    cuts = {name: float(np.nanmin(np.asarray(s[score_column], dtype=np.float64))) for name, s in selected.items()}
+    scores = np.asarray(read_columns(scored, [score_column])[score_column], dtype=np.float64)
+    cuts = {name: float(np.nanmin(np.asarray(read_columns(s, [score_column])[score_column], dtype=np.float64)))
+            for name, s in selected.items()}
     first = next(iter(selected))
     plot = _histogram(folder / f"{score_column}_hist.png", scores, cuts[first], score_column)
     n = len(scored)
@@ -295,7 +297,7 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     table = [{"name": s, "rows": len(d), "share": f"{len(d) / max(n, 1):.1%}", "cut": _fmt(cuts.get(s, math.nan))}
              for s, d in splits.items()]
     columns = [c for c in dict.fromkeys([score_column, *SCORE_COLUMNS]) if c in scored.column_names]
-    stats = _stats_rows({c: scored[c] for c in columns})
+    stats = _stats_rows(read_columns(scored, columns))
     title = f"{source_dataset} — G-SNR scored and selected" if source_dataset else "G-SNR scored and selected data"
     _write_card(folder, DatasetCard, data, "dataset_card.md", title=title, source_dataset=source_dataset,
                 splits=table, settings=_settings_rows({**(settings or {}), "score_column": score_column}), stats=stats,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..data.columns import read_columns
 from ..demo.backbone import DEMO_LEARNING_RATE
 from ..proxy.config import GradFilterConfig
 from ..scores.metrics import auroc
@@ -43,7 +44,8 @@ def run_demo(args: DemoArguments, config: GradFilterConfig):
     clean = ~np.asarray(scored["is_corrupted"])
     print("AUROC for ranking clean rows above corrupted ones over the whole set (random: 0.5):")
     for column, what in ((DEFAULT_SCORE, "the default"), ("gsnr", "the paper's G-SNR")):
-        print(f"  {column:<9} {auroc(np.asarray(scored[column], dtype=float), clean):.3f}  ({what})")
+        scores = np.asarray(read_columns(scored, [column])[column], dtype=np.float64)
+        print(f"  {column:<9} {auroc(scores, clean):.3f}  ({what})")
     if config.learning_rate == DEMO_LEARNING_RATE:
         print(f"(demo proxy LoRA learning rate {DEMO_LEARNING_RATE}; the paper's 5e-5 is meant for GPT-2)")
     return trainer, selected

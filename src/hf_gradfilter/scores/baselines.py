@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.columns import read_columns
 from ..data.formatting import InstructionFormat, _messages, _text, check_tokenizer, render, tokenize_batch
 from ..proxy.model import head_splits, per_example_loss, response_loss
 from ..selection.top import top_indices
@@ -231,7 +232,7 @@ def superfiltering_select(dataset, fraction: float, score_column: str = "ifd"):
     if score_column not in dataset.column_names:
         raise ValueError(f"Column {score_column!r} is not in the dataset (columns: {dataset.column_names}); "
                          "score it with IFDScorer first.")
-    ifd = np.asarray(dataset[score_column], dtype=np.float64)
+    ifd = np.asarray(read_columns(dataset, [score_column])[score_column], dtype=np.float64)
     nan = ~np.isfinite(ifd) & ~(ifd >= 1)  # NaN (and -inf, which a PPL ratio cannot be)
     high = ifd >= 1
     if (nan | high).all():

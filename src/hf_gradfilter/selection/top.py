@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.columns import read_columns
+
 GROUP_MODES = ("global", "per_group", "quota")
 
 
@@ -190,15 +192,16 @@ def select_top(dataset, score_column: str = "fit_rank", fraction: float | None =
             f"Score column {score_column!r} is not in the dataset (columns: {dataset.column_names}); "
             "score it first or pick another column."
         )
+    scores = read_columns(dataset, [score_column])[score_column]  # as stored: float64 stays float64
     if group_column is None:
         if group_mode != "global" or quotas:
             raise ValueError(f"group_mode={group_mode!r} and quotas need a group_column (e.g. 'task' or 'source').")
-        chosen, stats = top_indices(dataset[score_column], fraction=fraction, k=k)
+        chosen, stats = top_indices(scores, fraction=fraction, k=k)
     else:
         if group_column not in dataset.column_names:
             raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
                              f"{dataset.column_names}); pick the column that names each row's task or source.")
-        chosen, stats = top_indices_by_group(dataset[score_column], dataset[group_column], fraction=fraction, k=k,
+        chosen, stats = top_indices_by_group(scores, dataset[group_column], fraction=fraction, k=k,
                                              mode=group_mode, quotas=quotas)
         stats = {"group_column": group_column, **stats}
     stats = {"score_column": score_column, "fraction": fraction, **stats}

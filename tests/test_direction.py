@@ -175,3 +175,33 @@ def test_record_scorer_appends_direction_columns_and_selects_by_them():
     np.testing.assert_allclose(scored["gsnr_dir"], gsnr * (1 + np.sign(gsnr) * c_t))
     selected, _ = select_top(scored, "gsnr_dir", k=1)
     assert selected["instruction"] == [rows["instruction"][int(np.argmax(scored["gsnr_dir"]))]]
+
+
+def test_an_overflowed_batch_never_reaches_the_reference_direction(tokenizer):
+    # An fp16 overflow shows up as inf in a layer's output gradient: the batch's gradient sum is then not
+    # finite, and adding it would make every later cosine of the member NaN for the rest of the epoch.
+    model = build_ensemble(make_model("gpt2", tokenizer), config("unused"))
+    recorder = LoraNormRecorder(model, ["member_0"], directions=True)
+    model.base_model.set_adapter("member_0")
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def backward(overflow: bool):
+        recorder.start(1, "cpu", member="member_0")
+        out = model(input_ids=ids).logits
+        if overflow:
+            out.register_hook(lambda g: torch.full_like(g, float("inf")))
+        out.sum().backward()
+        recorder.stop()
+
+    backward(False)
+    recorder.commit("member_0")
+    before = [r.clone() for r in recorder.reference["member_0"]]
+    backward(True)
+    with pytest.warns(RuntimeWarning, match="member_0's gradient sum is not finite"):
+        assert recorder.commit("member_0") is False
+    for ref, old in zip(recorder.reference["member_0"], before):
+        torch.testing.assert_close(ref, old)
+    backward(True)  # a re-record starts afresh: the overflowed sum is dropped, the new one committed
+    backward(False)
+    assert recorder.commit("member_0") is True
+    assert all(bool(torch.isfinite(r).all()) for r in recorder.reference["member_0"])

@@ -21,6 +21,8 @@ and reports each example's cosine with it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -165,6 +167,7 @@ class LoraNormRecorder:
         """
         self._sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self.result, self.cosines = None, None
+        self._pending = None  # an earlier batch left uncommitted (one recorded again) never reaches a reference
         if member is not None and self.directions:
             self._member = member
             self._dots = torch.zeros(batch_size, dtype=torch.float32, device=device)
@@ -185,12 +188,16 @@ class LoraNormRecorder:
             self._dots, self._member, self._batch_sum = None, None, {}
         return self.result
 
-    def commit(self, member: str, all_reduce=None) -> None:
-        """Add ``member``'s last stopped batch's gradient sum to its reference.
+    def commit(self, member: str, all_reduce=None) -> bool:
+        """Add ``member``'s last stopped batch's gradient sum to its reference; returns whether it did.
 
         ``all_reduce`` (e.g. ``torch.distributed.all_reduce``: sums a flat tensor in place over
         processes) makes every process's reference the global one; then every process must call
         `commit` for the same members in the same order, whether it recorded a batch or not.
+
+        A sum that is not finite (an fp16 overflow) is left out with a RuntimeWarning: inf in a
+        reference would make every later cosine of the member NaN until the epoch ends. Checked after
+        the all-reduce, so every process decides alike.
         """
         refs = self.reference[member]
         pending = self._pending[1] if self._pending is not None and self._pending[0] == member else {}
@@ -198,9 +205,14 @@ class LoraNormRecorder:
             flat = torch.cat([pending.get(k, torch.zeros_like(ref)).reshape(-1) for k, ref in enumerate(refs)])
             all_reduce(flat)
             pending = dict(enumerate(torch.split(flat, [ref.numel() for ref in refs])))
+        self._pending = None
+        if pending and not torch.stack([torch.isfinite(t).all() for t in pending.values()]).all():  # one sync
+            warnings.warn(f"{member}'s gradient sum is not finite (an overflow); this batch is left out of its "
+                          "reference direction.", RuntimeWarning, stacklevel=2)
+            return False
         for k, total in pending.items():
             refs[k] += total.view_as(refs[k])
-        self._pending = None
+        return True
 
     def reset_directions(self) -> None:
         """Zero every member's reference direction (and drop uncommitted batch sums)."""

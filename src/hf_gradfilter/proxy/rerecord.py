@@ -38,7 +38,7 @@ def rerecord(trainer, model, batch: dict, name: str, weight: torch.Tensor, scale
     bad = (weight > 0) & ~torch.isfinite(norms)
     if bad.any():
         trainer._fail("gradient norm (also in float32)", batch["example_id"][bad].tolist(), name,
-                   "Lower the learning rate.")
+                      "Lower the learning rate.")
     trainer.num_rerecorded_batches += 1
     logger.info(f"Gradients of a {name} batch overflowed at global step {trainer.state.global_step}; "
                 "its norms were recorded again in float32.")

@@ -183,7 +183,7 @@ class GradFilterTrainer(Trainer):
                      if a.train_sampling_strategy == "group_by_length" else None),
             num_replicas=a.world_size, rank=a.process_index, directory=a.output_dir)
         return EpochLoader(MemberRows(self.train_dataset), batch_sampler=self.sampler, collate_fn=self.data_collator,
-                            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory)
+                           num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory)
 
     def floating_point_ops(self, inputs) -> int:
         return 0

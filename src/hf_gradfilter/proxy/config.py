@@ -54,6 +54,15 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
         Also record each gradient's cosine with its member's mean gradient over the batches visited
         earlier in the epoch (``GradientRecord.cosines``; the ``cos_late`` and ``gsnr_dir`` scores).
         Costs two small contractions per LoRA matrix and one gradient-sized vector per member.
+    stack_members (`bool`, *optional*, defaults to `False`):
+        Run the M members' batches of a step as one batch of M x B rows, each row through its own
+        member's LoRA (one batched matmul per LoRA layer; `proxy.stacked`): one forward and one
+        backward per step instead of M, for a device that one member's batch leaves idle. Same
+        record, same members' gradients and updates (optimizer, scheduler and ``max_grad_norm``
+        clipping stay per member), to float rounding; the M batches are padded to the widest of
+        them and a step holds M times the activations. Off by default until measured faster on a
+        GPU (benchmarks/run_throughput_gpu.sh). Not with ``fp16``, ``gradient_checkpointing`` or
+        ``lora_dropout`` > 0.
 
     > Parameters that control the data
 
@@ -99,6 +108,10 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     record_directions: bool = field(
         default=True, metadata={"help": "Also record each gradient's cosine with its member's running mean "
                                         "gradient of the epoch (the cos_late and gsnr_dir scores)."})
+    stack_members: bool = field(
+        default=False, metadata={"help": "Run the M members' batches as one batch of M x B rows (one forward and "
+                                         "backward per step; same record). Not with fp16, gradient checkpointing "
+                                         "or LoRA dropout."})
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per row (longer rows are cut)."})
 
     # TrainingArguments fields with other defaults
@@ -114,6 +127,13 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     )
 
     def __post_init__(self):
+        if self.stack_members:
+            unsupported = {"fp16": self.fp16, "gradient_checkpointing": self.gradient_checkpointing,
+                           f"lora_dropout={self.lora_dropout}": self.lora_dropout > 0}
+            bad = [name for name, on in unsupported.items() if on]
+            if bad:
+                raise ValueError(f"stack_members=True does not support {', '.join(bad)}: use bf16 or fp32, no gradient "
+                                 "checkpointing and lora_dropout=0, or set stack_members=False.")
         super().__post_init__()
         if self.num_members < 1:
             raise ValueError(f"num_members={self.num_members}: the ensemble needs at least 1 member (paper: 5).")

@@ -137,7 +137,8 @@ class LoraNormRecorder:
         self._slot = {}  # module -> (member, position in self.modules[member])
         self.reference: dict[str, list[torch.Tensor]] = {}
         self._batch_sum: dict[int, torch.Tensor] = {}
-        self._pending: tuple[str, dict[int, torch.Tensor]] | None = None
+        self._pending: dict[str, dict[int, torch.Tensor]] = {}  # member -> its stopped batch's sums, to commit
+        self._stacked: tuple[list[str], torch.Tensor] | None = None  # (members, (B,) member index of each row)
         for name, mods in self.modules.items():
             for k, module in enumerate(mods):
                 self._slot[module] = (name, k)
@@ -160,15 +161,20 @@ class LoraNormRecorder:
 
         output.register_hook(backward_hook)
 
-    def start(self, batch_size: int, device, member: str | None = None) -> None:
+    def start(self, batch_size: int, device, member: str | None = None,
+              stacked: tuple[list[str], torch.Tensor] | None = None) -> None:
         """Begin recording a batch; hooks fire from the next forward on.
 
         ``member``: also record each example's cosine with that member's reference (needs ``directions``).
+        ``stacked``: ``(members, rows)``, a batch of several members' rows at once (`stacked.stacked_lora`
+        forwards it and calls `add_stacked`): row b belongs to ``members[rows[b]]``; cosines are
+        recorded when ``directions`` is on.
         """
         self._sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self.result, self.cosines = None, None
-        self._pending = None  # an earlier batch left uncommitted (one recorded again) never reaches a reference
-        if member is not None and self.directions:
+        self._pending = {}  # an earlier batch left uncommitted (one recorded again) never reaches a reference
+        self._stacked = stacked
+        if (member is not None or stacked is not None) and self.directions:
             self._member = member
             self._dots = torch.zeros(batch_size, dtype=torch.float32, device=device)
             self._batch_sum = {}
@@ -181,12 +187,39 @@ class LoraNormRecorder:
         """
         self.result, self._sq = self._sq, None
         if self._dots is not None:
-            ref_sq = sum(r.double().pow(2).sum() for r in self.reference[self._member])
-            denom = (self.result.double() * ref_sq).sqrt()
+            names, rows = self._stacked or ([self._member], torch.zeros_like(self._dots, dtype=torch.long))
+            ref_sq = torch.stack([sum(r.double().pow(2).sum() for r in self.reference[n]) for n in names])
+            denom = (self.result.double() * ref_sq[rows]).sqrt()
             self.cosines = torch.where(denom > 0, self._dots.double() / denom, torch.nan).float()
-            self._pending = (self._member, {k: total / grad_scale for k, total in self._batch_sum.items()})
+            sums = self._batch_sum if self._stacked else {k: total[None] for k, total in self._batch_sum.items()}
+            self._pending = {n: {k: total[i] / grad_scale for k, total in sums.items()} for i, n in enumerate(names)}
             self._dots, self._member, self._batch_sum = None, None, {}
+        self._stacked = None
         return self.result
+
+    @property
+    def recording(self) -> bool:
+        """Whether a batch is being recorded (between `start` and `stop`)."""
+        return self._sq is not None
+
+    def add_stacked(self, k: int, activations: torch.Tensor, grad_outputs: torch.Tensor) -> None:
+        """Add LoRA matrix ``k``'s part of a stacked batch (`start(..., stacked=...)`): each row's gradient
+        ``dW_b = sum_t g[b, t] a[b, t]^T`` is its own member's, so the kernel runs on all rows at once.
+
+        ``activations``: ``(B, T, d_in)``; ``grad_outputs``: ``(B, T, d_out)``. Computes the ``(B, d_out, d_in)``
+        per-row gradients (LoRA's rank-r side makes them small), then their squared norms, their dots with
+        the row's member's reference and each member's batch sum.
+        """
+        if self._sq is None or self._stacked is None:
+            return
+        names, rows = self._stacked
+        per_row = torch.bmm(grad_outputs.float().transpose(1, 2), activations.float())  # (B, d_out, d_in)
+        self._sq += per_row.pow(2).sum(dim=(1, 2))
+        if self._dots is not None:
+            refs = torch.stack([self.reference[n][k] for n in names])  # (M, d_out, d_in)
+            self._dots += (per_row * refs[rows]).sum(dim=(1, 2))
+            total = torch.zeros_like(refs).index_add_(0, rows, per_row)
+            self._batch_sum[k] = self._batch_sum[k] + total if k in self._batch_sum else total
 
     def commit(self, member: str, all_reduce=None) -> bool:
         """Add ``member``'s last stopped batch's gradient sum to its reference; returns whether it did.
@@ -200,12 +233,11 @@ class LoraNormRecorder:
         the all-reduce, so every process decides alike.
         """
         refs = self.reference[member]
-        pending = self._pending[1] if self._pending is not None and self._pending[0] == member else {}
+        pending = self._pending.pop(member, {})
         if all_reduce is not None:
             flat = torch.cat([pending.get(k, torch.zeros_like(ref)).reshape(-1) for k, ref in enumerate(refs)])
             all_reduce(flat)
             pending = dict(enumerate(torch.split(flat, [ref.numel() for ref in refs])))
-        self._pending = None
         if pending and not torch.stack([torch.isfinite(t).all() for t in pending.values()]).all():  # one sync
             warnings.warn(f"{member}'s gradient sum is not finite (an overflow); this batch is left out of its "
                           "reference direction.", RuntimeWarning, stacklevel=2)
@@ -218,7 +250,7 @@ class LoraNormRecorder:
         """Zero every member's reference direction (and drop uncommitted batch sums)."""
         self.reference = {name: [torch.zeros_like(m.weight, dtype=torch.float32) for m in mods]
                           for name, mods in self.modules.items()}
-        self._pending = None
+        self._pending = {}
 
     def direction_state(self) -> dict[str, torch.Tensor]:
         """The references as ``{"<member>.<k>": (d_out, d_in) tensor}`` (for checkpoints)."""
@@ -232,7 +264,7 @@ class LoraNormRecorder:
                 if value is None or value.shape != ref.shape:
                     raise ValueError(f"Saved direction state does not fit {name} LoRA matrix {k} ({tuple(ref.shape)}).")
                 ref.copy_(value)
-        self._pending = None
+        self._pending = {}
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -36,8 +36,8 @@ The class reads as the `Trainer` hooks it overrides (``get_train_dataloader``, `
 ``_clip_grad_norm``, ``log``, ``save_model``, ``_save_checkpoint``, ``_load_from_checkpoint``); each
 concern with state of its own has a module beside it: the members and their loss (`model`), the
 rows trained on (`rows`), the data orders (`sampler`), the snapshot pass (`snapshot`), the merge of
-the processes' records (`merge`), the float32 re-record after an fp16 overflow (`rerecord`) and
-the checkpoint's extra state (`checkpoint`).
+the processes' records (`merge`), the float32 re-record after an fp16 overflow (`rerecord`), the
+checkpoint's extra state (`checkpoint`) and the members' batches run as one (`stacked`, ``stack_members``).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from .rerecord import rerecord
 from .rows import select_positions, survey_rows
 from .sampler import EpochLoader, MemberCollator, MemberRows, MemberSampler
 from .snapshot import SnapshotCallback, length_order, record_snapshot, snapshot_batches
+from .stacked import record_snapshot_stacked, stacked_training_step
 
 logger = logging.get_logger(__name__)
 
@@ -232,6 +233,8 @@ class GradFilterTrainer(Trainer):
         return self._split_head_ok
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self.args.stack_members:  # the members' batches as one (`stacked`)
+            return stacked_training_step(self, model, inputs)
         model.train()
         inputs = self._prepare_inputs(inputs)
         epoch, global_batch = int(inputs["epoch"]), int(inputs["global_batch"])
@@ -380,8 +383,9 @@ class GradFilterTrainer(Trainer):
         return snapshot_batches(self._by_length, size, self.args.seed, member, epoch)
 
     def snapshot(self, epoch: int) -> None:
-        """Record every example at the current weights (epoch is 0-based): `snapshot.record_snapshot`."""
-        record_snapshot(self, epoch)
+        """Record every example at the current weights (epoch is 0-based): `snapshot.record_snapshot`
+        (`stacked.record_snapshot_stacked` with ``stack_members``)."""
+        (record_snapshot_stacked if self.args.stack_members else record_snapshot)(self, epoch)
 
     # ---- saving --------------------------------------------------------------------------------
 

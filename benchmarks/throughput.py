@@ -20,6 +20,7 @@ wide, GPT-2's vocabulary; random weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Result:
     visits: int  # example x member (x epoch) gradient norms produced
     tokens: int
     note: str = ""
+    peak_gb: float = float("nan")  # peak GPU memory allocated (CUDA only)
 
     @property
     def per_second(self) -> float:
@@ -72,27 +74,51 @@ def make_model(size: str, attn_implementation: str | None = None) -> GPT2LMHeadM
                                       eos_token_id=0, pad_token_id=0, attn_implementation=attn_implementation, **cfg))
 
 
-def config(out: str, mode: str, members: int, batch: int, epochs: int, strategy: str) -> GradFilterConfig:
+def config(out: str, mode: str, members: int, batch: int, epochs: int, strategy: str,
+           stack: bool = False) -> GradFilterConfig:
     return GradFilterConfig(output_dir=out, num_members=members, num_train_epochs=epochs, late_epoch=epochs,
                             early_epoch=1, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
                             record_mode=mode, learning_rate=1e-4, logging_steps=10_000, disable_tqdm=True,
                             use_cpu=not torch.cuda.is_available(), train_sampling_strategy=strategy,
-                            bf16=torch.cuda.is_available(), max_length=1024, report_to="none")
+                            bf16=torch.cuda.is_available(), max_length=1024, report_to="none", stack_members=stack)
 
 
-def run_trainer(size, rows, mode, members, batch, epochs, strategy="group_by_length", repeats=2) -> Result:
-    seconds = float("inf")
+def autocast():
+    """bf16 autocast on CUDA (as the trainer's ``bf16=True``), nothing on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float:
+    """Peak GPU memory allocated since `reset_peak`, in GB (NaN on CPU)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def run_trainer(size, rows, mode, members, batch, epochs, strategy="group_by_length", repeats=2,
+                stack=False) -> Result:
+    seconds, peak = float("inf"), float("nan")
     for _ in range(repeats):  # the best of `repeats` runs: the first pays one-off allocation costs
         trainer = GradFilterTrainer(make_model(size), train_dataset=rows,
-                                    args=config("/tmp/hfg_bench", mode, members, batch, epochs, strategy))
+                                    args=config("/tmp/hfg_bench", mode, members, batch, epochs, strategy, stack))
+        reset_peak()
         start = time.perf_counter()
         trainer.train()
         seconds = min(seconds, time.perf_counter() - start)
+        peak = peak_gb()
+        del trainer
     tokens = int(np.sum(rows["length"] if "length" in rows.column_names else [len(x) for x in rows["input_ids"]]))
     label = {"none": "(a) training, recording off", "train": "(b) GradFilterTrainer, train mode",
              "snapshot": "(b) GradFilterTrainer, snapshot mode"}[mode]
-    return Result(f"{label}", seconds, len(rows) * members * epochs, tokens * members * epochs,
-                  note=f"{strategy} batches")
+    return Result(f"{label}{', stacked members' if stack else ''}", seconds, len(rows) * members * epochs,
+                  tokens * members * epochs, note=f"{strategy} batches", peak_gb=peak)
 
 
 def member_model(size, members, attn_implementation=None):
@@ -107,26 +133,31 @@ def member_model(size, members, attn_implementation=None):
 
 def run_batch_size_one(size, rows, members) -> Result:
     model = member_model(size, members)
+    device = next(model.parameters()).device
+    reset_peak()
     start = time.perf_counter()
     for m in range(members):
         model.base_model.set_adapter(f"member_{m}")
         params = [p for n, p in model.named_parameters() if f".member_{m}." in n]
         for ids, labels in zip(rows["input_ids"], rows["labels"]):
-            ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])
-            loss = per_example_loss(model(input_ids=ids_t).logits, labels_t)[0]
+            ids_t, labels_t = torch.tensor([ids], device=device), torch.tensor([labels], device=device)
+            with autocast():
+                loss = per_example_loss(model(input_ids=ids_t).logits, labels_t)[0]
             grads = torch.autograd.grad(loss, params)
-            torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+            torch.sqrt(sum(g.float().pow(2).sum() for g in grads)).item()
     seconds = time.perf_counter() - start
     tokens = sum(len(x) for x in rows["input_ids"])
     return Result("(c) batch-size-1 loop (one backward per example)", seconds, len(rows) * members,
-                  tokens * members, note="fixed weights, no training")
+                  tokens * members, note="fixed weights, no training", peak_gb=peak_gb())
 
 
 def run_vmap(size, rows, members, batch) -> Result:
     from torch.func import functional_call, grad, vmap
 
     model = member_model(size, members, "eager")  # SDPA's mask checks call .item(), which vmap cannot trace
+    device = next(model.parameters()).device
     sampler = MemberSampler(len(rows), 1, batch, seed=0, lengths=[len(x) for x in rows["input_ids"]])
+    reset_peak()
     start = time.perf_counter()
     try:
         for m in range(members):
@@ -147,15 +178,16 @@ def run_vmap(size, rows, members, batch) -> Result:
                 for j, f in enumerate(feats):
                     k = len(f["input_ids"])
                     ids[j, :k], mask[j, :k], labels[j, :k] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
-                grads = per_example_grad(params, ids, mask, labels)
-                torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values())).tolist()
+                with autocast():
+                    grads = per_example_grad(params, ids.to(device), mask.to(device), labels.to(device))
+                torch.sqrt(sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())).tolist()
     except Exception as err:  # noqa: BLE001 - report, do not hide, an unsupported peer
         return Result("(d) torch.func vmap(grad)", float("nan"), 0, 0,
                       note=f"failed: {type(err).__name__}: {err}"[:120])
     seconds = time.perf_counter() - start
     tokens = sum(len(x) for x in rows["input_ids"])
     return Result("(d) torch.func vmap(grad)", seconds, len(rows) * members, tokens * members,
-                  note="fixed weights, no training")
+                  note="fixed weights, no training", peak_gb=peak_gb())
 
 
 def padding(rows, batch, members) -> dict[str, float]:

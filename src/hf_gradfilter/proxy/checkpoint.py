@@ -62,9 +62,10 @@ def restore_record(record, checkpoint: str, into: bool = True) -> None:
     without cosines (older versions) leaves them NaN. Under several processes only rank 0 copies
     (``into``): the others start empty, so the next merge counts each row once.
     """
-    for name, array in read_record_arrays(checkpoint, ["row_hash", "norms", "losses", "cosines"]):
+    names = ["row_hash", "norms", "losses", "cosines"] + (["sketches"] if record.sketches is not None else [])
+    for name, array in read_record_arrays(checkpoint, names):
         if ((name == "row_hash" and not np.array_equal(array, record.row_hash))
-                or (name == "norms" and array.shape != record.norms.shape)):
+                or (name in ("norms", "sketches") and array.shape != getattr(record, name).shape)):
             raise ValueError(f"The record in {checkpoint} was made from another dataset or "
                              "settings; use a fresh output_dir.")
         if name != "row_hash" and into:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..data.formatting import DataFormatArguments
+from .sketch import sketch_factors
 
 RECORD_MODES = ("train", "snapshot", "none")
 
@@ -63,6 +64,17 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
         them and a step holds M times the activations. Off by default until measured faster on a
         GPU (benchmarks/run_throughput_gpu.sh). Not with ``fp16``, ``gradient_checkpointing`` or
         ``lora_dropout`` > 0.
+    sketch_dim (`int`, *optional*, defaults to `0`):
+        Also record a ``sketch_dim``-dimensional random projection of each example's full LoRA
+        gradient per member (``GradientRecord.sketches``; `proxy.sketch`: unbiased inner products,
+        computed in batch from the norm hooks). 0: off. Use a power of 2 (256 ... 2048). Storage:
+        ``4 * num_members * len(sketch_epochs) * sketch_dim`` bytes per row (file-backed while training).
+        Not with ``stack_members``.
+    sketch_epochs (`list[int]`, *optional*):
+        The epochs (1-based) to sketch; `None`: the late epoch only.
+    sketch_seed (`int`, *optional*, defaults to `0`):
+        Seed of the projection (recorded in the record's metadata); runs with the same seed, dim and
+        LoRA layout have comparable sketches.
 
     > Parameters that control the data
 
@@ -112,6 +124,11 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
         default=False, metadata={"help": "Run the M members' batches as one batch of M x B rows (one forward and "
                                          "backward per step; same record). Not with fp16, gradient checkpointing "
                                          "or LoRA dropout."})
+    sketch_dim: int = field(default=0, metadata={"help": "Dimension of each example's gradient sketch (a random "
+                                                          "projection of its LoRA gradient); 0: off. E.g. 1024."})
+    sketch_epochs: list[int] | None = field(
+        default=None, metadata={"help": "Epochs (1-based) to sketch; default: the late epoch only."})
+    sketch_seed: int = field(default=0, metadata={"help": "Seed of the sketch projection."})
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per row (longer rows are cut)."})
 
     # TrainingArguments fields with other defaults
@@ -151,5 +168,20 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
                     f"{name}={value} is outside the {int(epochs)} epoch(s) trained; "
                     f"use 1..{int(epochs)} or raise num_train_epochs."
                 )
+        self._check_sketch()
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: use at least 2 tokens.")
+
+    def _check_sketch(self) -> None:
+        if not self.sketch_dim:
+            return
+        sketch_factors(self.sketch_dim)  # raises for a dim that does not split well
+        if self.stack_members or self.record_mode == "none":
+            raise ValueError(f"sketch_dim={self.sketch_dim} needs recording without stack_members (got "
+                             f"record_mode={self.record_mode!r}, stack_members={self.stack_members}).")
+        if self.sketch_epochs is None:
+            self.sketch_epochs = [self.late_epoch]
+        bad = [e for e in self.sketch_epochs if not 1 <= e <= self.num_train_epochs]
+        if bad or not self.sketch_epochs or len(set(self.sketch_epochs)) != len(self.sketch_epochs):
+            raise ValueError(f"sketch_epochs={self.sketch_epochs}: give distinct epochs in "
+                             f"1..{int(self.num_train_epochs)}.")

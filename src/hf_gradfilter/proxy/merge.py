@@ -31,13 +31,15 @@ def merge_records(local, merged, device) -> None:
     """Fill ``merged`` with every process's recorded values of ``local`` (`GradientRecord` objects of the
     same rows; a collective call: every process takes part, with its own ``local``).
 
-    Runs in blocks of `GATHER_CHUNK_VALUES` values (two all-reduces each: the values with NaN as 0,
-    and how many processes recorded each). Raises RuntimeError, naming the example ids, if any
-    (example, member, epoch) was recorded by more than one process.
+    Merges ``sketches`` too when the records have them. Runs in blocks of about `GATHER_CHUNK_VALUES`
+    values (two all-reduces each: the values with NaN as 0, and how many processes recorded each).
+    Raises RuntimeError, naming the example ids, if any (example, member, epoch) was recorded by more
+    than one process.
     """
-    step = max(1, GATHER_CHUNK_VALUES // (local.num_members * local.num_epochs))  # rows per all-reduce
-    for key in ("norms", "losses", "cosines"):
+    keys = ("norms", "losses", "cosines") + (("sketches",) if local.sketches is not None else ())
+    for key in keys:
         source, target = getattr(local, key), getattr(merged, key)
+        step = max(1, GATHER_CHUNK_VALUES // int(np.prod(source.shape[1:])))  # rows per all-reduce
         for start in range(0, local.num_examples, step):
             block = torch.from_numpy(np.array(source[start : start + step]))
             values = torch.nan_to_num(block, nan=0.0).to(device)

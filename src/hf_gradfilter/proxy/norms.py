@@ -123,6 +123,10 @@ class LoraNormRecorder:
     ``S_m`` is the sum (a multiple of the mean) of the per-example gradients of the batches committed
     earlier in the epoch. Extra cost per LoRA matrix: two contractions the size of its forward matmul;
     extra memory: the references and one batch's gradient sum (one member's LoRA size).
+
+    Sketches: with ``recorder.sketcher`` set (a `sketch.LoraSketcher` over one member's matrices; the
+    matrix index k is the same in every member) and enabled, `stop` also sets ``sketches`` ``(B, d)``:
+    each example's gradient projected (`sketch.lora_sketch`), divided by ``grad_scale``.
     """
 
     def __init__(self, model: nn.Module, adapter_names: list[str], directions: bool = False):
@@ -131,6 +135,8 @@ class LoraNormRecorder:
         self._member: str | None = None
         self.result: torch.Tensor | None = None
         self.cosines: torch.Tensor | None = None
+        self.sketcher = None  # a `sketch.LoraSketcher`, set by the trainer when sketches are on
+        self.sketches: torch.Tensor | None = None
         self.directions = directions
         self._handles = []
         self.modules = {name: lora_modules(model, name) for name in adapter_names}
@@ -154,6 +160,8 @@ class LoraNormRecorder:
         def backward_hook(grad_output):
             grad_output = grad_output.detach()
             self._sq += sq_norms(activations, grad_output)
+            if self.sketcher is not None:
+                self.sketcher.add(k, activations, grad_output)
             if self._dots is not None and name == self._member:
                 dots, total = grad_dots(activations, grad_output, self.reference[name][k])
                 self._dots += dots
@@ -171,7 +179,9 @@ class LoraNormRecorder:
         recorded when ``directions`` is on.
         """
         self._sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
-        self.result, self.cosines = None, None
+        self.result, self.cosines, self.sketches = None, None, None
+        if self.sketcher is not None:
+            self.sketcher.start(batch_size, device)
         self._pending = {}  # an earlier batch left uncommitted (one recorded again) never reaches a reference
         self._stacked = stacked
         if (member is not None or stacked is not None) and self.directions:
@@ -186,6 +196,8 @@ class LoraNormRecorder:
         sum, divided by ``grad_scale`` (the factor each example's loss carried in the backward), for `commit`.
         """
         self.result, self._sq = self._sq, None
+        if self.sketcher is not None:
+            self.sketches = self.sketcher.stop(grad_scale)
         if self._dots is not None:
             names, rows = self._stacked or ([self._member], torch.zeros_like(self._dots, dtype=torch.long))
             ref_sq = torch.stack([sum(r.double().pow(2).sum() for r in self.reference[n]) for n in names])

@@ -3,7 +3,9 @@
 Saved as one safetensors file (no pickle): tensors ``norms``, ``losses`` and ``cosines`` of shape
 ``(N, M, E)`` (float32, NaN where an example has no value), ``example_id`` and ``row_hash`` of
 shape ``(N,)`` (int64), and JSON metadata (the config, the data format, the dataset fingerprint).
-Records written before ``cosines`` existed load with an all-NaN ``cosines``.
+Records written before ``cosines`` existed load with an all-NaN ``cosines``. With sketches on
+(``GradFilterConfig.sketch_dim``), also ``sketches`` ``(N, M, E_s, d)`` and ``metadata["sketch"]`` (the
+projection, its seed and ``d``, and the 1-based epochs of the E_s slots; `proxy.sketch`).
 
 Large records need not live in anonymous memory: `GradientRecord.empty` can put the arrays in
 unnamed temporary files (``np.memmap``; the trainer does, in its output directory), and
@@ -42,6 +44,8 @@ class GradientRecord:
         example_id: ``(N,)`` position of each row in the scored dataset.
         row_hash: ``(N,)`` 64-bit hash of each row's formatted fields.
         metadata: JSON-serialisable info (``config``, ``format``, ``fingerprint``, ``record_mode``...).
+        sketches: ``(N, M, E_s, d)`` float32 or None: each example's gradient sketch (`proxy.sketch`) per
+            member, in the sketched epochs ``metadata["sketch"]["epochs"]`` (1-based); NaN where not recorded.
     """
 
     norms: np.ndarray
@@ -50,6 +54,7 @@ class GradientRecord:
     row_hash: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
     cosines: np.ndarray | None = None
+    sketches: np.ndarray | None = None
 
     def __post_init__(self):
         if self.norms.ndim != 3 or self.norms.shape != self.losses.shape:
@@ -59,12 +64,16 @@ class GradientRecord:
         if self.cosines.shape != self.norms.shape:
             raise ValueError(f"cosines {self.cosines.shape} must have the shape of norms {self.norms.shape}.")
         n = self.norms.shape[0]
+        sketches = self.sketches
+        if sketches is not None and (sketches.ndim != 4 or sketches.shape[:2] != self.norms.shape[:2]):
+            raise ValueError(f"sketches {sketches.shape} must be (N, M, E_s, d) with (N, M) = {self.norms.shape[:2]}.")
         if self.example_id.shape != (n,) or self.row_hash.shape != (n,):
             raise ValueError(f"example_id {self.example_id.shape} and row_hash {self.row_hash.shape} must be ({n},).")
 
     @classmethod
     def empty(cls, example_id, row_hash, num_members: int, num_epochs: int, metadata=None,
-              directory: str | None = None, copy: bool = True) -> GradientRecord:
+              directory: str | None = None, copy: bool = True,
+              sketch_shape: tuple[int, int] | None = None) -> GradientRecord:
         """An all-NaN record for the rows ``example_id`` / ``row_hash`` (copied in; with ``copy=False``
         the given int64 arrays are used as they are, e.g. shared with another record).
 
@@ -78,7 +87,9 @@ class GradientRecord:
             ids = [file_array((n,), np.int64, 0, directory) for _ in range(2)]
             ids[0][:], ids[1][:] = example_id, row_hash
             example_id, row_hash = ids
-        return cls(arrays[0], arrays[1], example_id, row_hash, dict(metadata or {}), arrays[2])
+        sketches = None if sketch_shape is None else file_array(shape[:2] + tuple(sketch_shape), np.float32, np.nan,
+                                                                directory)
+        return cls(arrays[0], arrays[1], example_id, row_hash, dict(metadata or {}), arrays[2], sketches)
 
     @property
     def num_examples(self) -> int:
@@ -109,6 +120,8 @@ class GradientRecord:
             "example_id": np.ascontiguousarray(self.example_id, dtype=np.int64),
             "row_hash": np.ascontiguousarray(self.row_hash, dtype=np.int64),
         }
+        if self.sketches is not None:
+            tensors["sketches"] = np.ascontiguousarray(self.sketches, dtype=np.float32)
         meta = {**self.metadata, "fingerprint": self.fingerprint}
         tmp = path + ".tmp"
         save_file(tensors, tmp, metadata={"hf_gradfilter": json.dumps(meta, default=str)})
@@ -123,7 +136,7 @@ class GradientRecord:
         tensors = mmap_safetensors(path) if mmap else load_file(path)
         meta = read_record_metadata(path)
         return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta,
-                   tensors.get("cosines"))
+                   tensors.get("cosines"), tensors.get("sketches"))
 
 
 def file_array(shape: tuple[int, ...], dtype, fill, directory: str | None = None) -> np.ndarray:

@@ -124,3 +124,17 @@ class LoraSketcher:
         """What a record needs to say how its sketches were made (``epochs``: 1-based, in storage order)."""
         return {"dim": self.dim, "seed": self.seed, "factors": list(self.factors), "projection": PROJECTION,
                 "epochs": list(epochs), "matrices": len(self._cpu)}
+
+
+def member_sketcher(recorder, args) -> LoraSketcher | None:
+    """The `LoraSketcher` for ``recorder`` (a `LoraNormRecorder`) under ``args`` (a `GradFilterConfig`), or None
+    when ``args.sketch_dim`` is 0. Every member must have the same LoRA matrices (the projections are shared)."""
+    if not args.sketch_dim:
+        return None
+    layouts = {name: [tuple(m.weight.shape) for m in mods] for name, mods in recorder.modules.items()}
+    first = next(iter(layouts.values()))
+    odd = [name for name, shapes in layouts.items() if shapes != first]
+    if odd:
+        raise ValueError(f"Sketches need every member to have the same LoRA matrices; {odd} differ from the first "
+                         "member's. Build the members with one LoRA config, or set sketch_dim=0.")
+    return LoraSketcher(next(iter(recorder.modules.values())), args.sketch_dim, args.sketch_seed)

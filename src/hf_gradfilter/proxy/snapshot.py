@@ -50,6 +50,7 @@ def record_snapshot(trainer, epoch: int) -> None:
     unwrapped = trainer.accelerator.unwrap_model(model)
     world, rank = trainer.args.world_size, trainer.args.process_index
     directions = trainer.args.record_directions
+    trainer._sketch_epoch(epoch)
     progress = tqdm(total=len(trainer.member_names) * len(trainer.train_dataset) // world,
                     desc=f"Snapshot epoch {epoch + 1}", disable=trainer.args.disable_tqdm)
     for m, name in enumerate(trainer.member_names):

@@ -66,6 +66,7 @@ from .record import GradientRecord
 from .rerecord import rerecord
 from .rows import select_positions, survey_rows
 from .sampler import EpochLoader, MemberCollator, MemberRows, MemberSampler
+from .sketch import member_sketcher
 from .snapshot import SnapshotCallback, length_order, record_snapshot, snapshot_batches
 from .stacked import record_snapshot_stacked, stacked_training_step
 
@@ -147,6 +148,9 @@ class GradFilterTrainer(Trainer):
         )
         self.recorder = LoraNormRecorder(self.model, self.member_names, directions=args.record_directions)
         self._direction_epoch = None  # the epoch the references belong to
+        self.recorder.sketcher = member_sketcher(self.recorder, args)  # None unless sketch_dim (`sketch`)
+        sketched = self.recorder.sketcher and args.sketch_epochs  # 1-based epochs, in the record's slot order
+        self._sketch_slot = {e - 1: i for i, e in enumerate(sketched or [])}
         # This process's rows, in unnamed files in output_dir: the record is not held in memory.
         self._local = GradientRecord.empty(
             ids,
@@ -163,7 +167,9 @@ class GradFilterTrainer(Trainer):
                 "members": self.member_names,
                 "base_model": getattr(self.model.peft_config[self.member_names[0]], "base_model_name_or_path", None),
                 "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},
+                **({"sketch": self.recorder.sketcher.metadata(sketched)} if sketched else {}),
             },
+            sketch_shape=(len(sketched), args.sketch_dim) if sketched else None,
         )
         self.record = self._local  # this process's rows; `gather_record` merges all processes'
         self._merged = None  # with several processes: the merged record (files too), made by the first gather
@@ -240,6 +246,7 @@ class GradFilterTrainer(Trainer):
         epoch, global_batch = int(inputs["epoch"]), int(inputs["global_batch"])
         record = self.args.record_mode == "train"
         directions = record and self.args.record_directions
+        self._sketch_epoch(epoch)
         if directions and epoch != self._direction_epoch:  # a new epoch: S_m starts again from zero
             self.recorder.reset_directions()
             self._direction_epoch = epoch
@@ -268,7 +275,7 @@ class GradFilterTrainer(Trainer):
                         # an fp16 overflow under the loss scale: record this batch again
                         norms = self._rerecord(model, batch, name, weight, world / (global_batch * ga), directions)
                     cosines = None if self.recorder.cosines is None else self.recorder.cosines[keep]
-                    self._store(batch["example_id"][keep], m, epoch, norms[keep], losses[keep], cosines)
+                    self._store(batch["example_id"][keep], m, epoch, norms[keep], losses[keep], cosines, keep)
                     if directions:  # the batch joins member m's reference (summed over processes)
                         self.recorder.commit(name, self._reduce)
                 member_loss = (losses.detach() * weight).sum() / weight.sum().clamp(min=1)
@@ -310,12 +317,22 @@ class GradFilterTrainer(Trainer):
         raise FloatingPointError(f"Non-finite {what} for example id(s) {ids[:20]} ({name}, global step "
                                  f"{self.state.global_step}); the partial record was saved. {fix}")
 
-    def _store(self, example_ids, m, epoch, norms, losses, cosines=None) -> None:
+    def _store(self, example_ids, m, epoch, norms, losses, cosines=None, keep=None) -> None:
+        """Put a member batch's values in the record (``keep``: the batch's rows stored, for the sketches)."""
         rows = example_ids.cpu().numpy()
+        sketches = self.recorder.sketches  # (B, d) in a sketched epoch, else None
+        if sketches is not None:
+            sketches = sketches if keep is None else sketches[keep]
+            self._local.sketches[rows, m, self._sketch_slot[epoch]] = sketches.detach().cpu().numpy()
         self._local.norms[rows, m, epoch] = norms.detach().float().cpu().numpy()
         self._local.losses[rows, m, epoch] = losses.detach().float().cpu().numpy()
         if cosines is not None:
             self._local.cosines[rows, m, epoch] = cosines.detach().float().cpu().numpy()
+
+    def _sketch_epoch(self, epoch: int) -> None:
+        """Sketch the batches recorded next when ``epoch`` (0-based) is one of ``sketch_epochs``."""
+        if self.recorder.sketcher is not None:
+            self.recorder.sketcher.enabled = epoch in self._sketch_slot
 
     # ---- distributed ---------------------------------------------------------------------------
 
@@ -341,8 +358,9 @@ class GradFilterTrainer(Trainer):
             return self.record
         local = self._local
         if self._merged is None:
+            sketch_shape = None if local.sketches is None else local.sketches.shape[2:]
             self._merged = GradientRecord.empty(local.example_id, local.row_hash, local.num_members, local.num_epochs,
-                                                directory=self.args.output_dir, copy=False)
+                                                directory=self.args.output_dir, copy=False, sketch_shape=sketch_shape)
             self._merged.metadata = local.metadata  # one dict: what the trainer adds later shows in both
         merge_records(local, self._merged, self.args.device)
         self.record = self._merged

@@ -22,6 +22,7 @@ from .scores.baselines import (
     RecordScorer,
     superfiltering_select,
 )
+from .scores.duplicates import near_duplicate_ids, near_duplicates
 from .scores.scorer import GSNRScorer, score_dataset
 from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
 from .scores.sweep import sweep_record
@@ -49,6 +50,8 @@ __all__ = [
     "group_counts",
     "InstructionFormat",
     "LoraNormRecorder",
+    "near_duplicate_ids",
+    "near_duplicates",
     "build_ensemble",
     "finetune",
     "hub",

@@ -1,0 +1,95 @@
+"""Near-duplicates from gradient sketches: the blocked search equals a brute-force one, and on the demo set
+it flags every exact repeat and matches most constructed paraphrases to their original (snapshot mode,
+a tiny GPT-2 proxy).
+
+The tiny proxy barely learns the demo in 2 epochs, so its gradients are dominated by the response:
+at cosine 0.9 it also flags 86 of the 373 distinct demo rows (42 of them repeat an earlier row's exact
+response, e.g. "There are 5 words."), at 0.98 34 (29). These are gradient near-duplicates, not text ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from hf_gradfilter import GradFilterConfig, GradFilterTrainer, near_duplicate_ids, near_duplicates
+from hf_gradfilter.demo.tiny import tiny_gpt2
+from hf_gradfilter.scores.duplicates import record_sketches
+
+
+def brute_force(x: np.ndarray, threshold: float) -> np.ndarray:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out = np.full(len(x), -1)
+    for i in range(1, len(x)):
+        cos = u[:i] @ u[i]
+        if cos.max() >= threshold:
+            out[i] = int(np.argmax(cos))
+    return out
+
+
+def test_blocked_search_equals_brute_force_across_block_boundaries():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((23, 8)).astype(np.float32)
+    for i, j in [(5, 2), (11, 2), (20, 11)]:  # scaled copies with a little noise; 20 copies a copy
+        x[i] = 3 * x[j] + 0.01 * rng.standard_normal(8).astype(np.float32)
+    want = brute_force(x, 0.99)
+    assert want[5] == 2 and want[11] in (2, 5) and want[20] == 11  # the most similar earlier row
+    for block in (1, 4, 7, 100):
+        np.testing.assert_array_equal(near_duplicates(x, 0.99, block=block), want)
+
+
+def test_missing_or_zero_sketches_are_never_flagged_nor_matched():
+    x = np.array([[1.0, 0.0], [np.nan, np.nan], [0.0, 0.0], [1.0, 0.0], [2.0, 1e-4]])
+    np.testing.assert_array_equal(near_duplicates(x, 0.99), [-1, -1, -1, 0, 0])  # row 4: rows 0 and 3 tie
+
+
+def test_members_are_averaged_over_those_that_recorded_the_row():
+    x = np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [np.nan, np.nan]], [[0.0, 1.0], [1.0, 0.0]]])
+    np.testing.assert_array_equal(near_duplicates(x, 0.999), [-1, 0, 0])
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.5])
+def test_a_threshold_outside_the_cosine_range_is_refused(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        near_duplicates(np.ones((2, 2)), threshold)
+
+
+@pytest.fixture(scope="module")
+def demo_with_paraphrases(demo_rows, tokenizer, tmp_path_factory):
+    """The 400 demo rows, then a paraphrase of every 10th of the first 200 (same input and response, the
+    instruction reworded); scored in snapshot mode with 256-dim sketches."""
+    rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in demo_rows]
+    paraphrases = {len(rows) + n: i for n, i in enumerate(range(0, 200, 10))}
+    rows += [dict(rows[i], instruction="Please answer this: " + rows[i]["instruction"]) for i in paraphrases.values()]
+    args = GradFilterConfig(output_dir=str(tmp_path_factory.mktemp("dup")), num_members=2, num_train_epochs=2,
+                            per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=5e-3,
+                            lora_r=4, lora_alpha=8, max_length=256, disable_tqdm=True, seed=3, use_cpu=True,
+                            record_mode="snapshot", sketch_dim=256)
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=args,
+                                train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    return rows, paraphrases, trainer.record
+
+
+def test_every_exact_repeat_of_the_demo_set_is_flagged(demo_with_paraphrases):
+    rows, _, record = demo_with_paraphrases
+    first, repeats = {}, []
+    for i, row in enumerate(rows):
+        key = tuple(row.values())
+        (repeats.append(i) if key in first else first.setdefault(key, i))
+    assert len(repeats) >= 20  # the demo's small vocabularies repeat rows
+    flags = near_duplicate_ids(record, threshold=0.98)
+    assert (flags[repeats] >= 0).all()
+    assert all(rows[flags[i]] == rows[i] for i in repeats)  # matched to a copy
+    u = record_sketches(record).mean(axis=1)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    assert min(u[i] @ u[first[tuple(rows[i].values())]] for i in repeats) > 0.9999  # same weights, same gradient
+
+
+def test_most_paraphrases_are_matched_to_their_original(demo_with_paraphrases):
+    rows, paraphrases, record = demo_with_paraphrases
+    nearest = near_duplicate_ids(record, threshold=1e-6)  # the most similar earlier row, whatever its cosine
+    assert sum(nearest[p] == i for p, i in paraphrases.items()) >= 0.75 * len(paraphrases)  # 17 of 20 here
+    flags = near_duplicate_ids(record, threshold=0.9)
+    assert sum(flags[p] == i for p, i in paraphrases.items()) >= 0.5 * len(paraphrases)  # 13 of 20 here

@@ -7,6 +7,7 @@ Measured side by side in one run, on the same rows and model, and printed as rat
   (c)  a batch-size-1 loop, one backward per example and member, at fixed weights (what LESS does)
   (d)  torch.func vmap(grad) per-example gradients (and Opacus, when installed)
   padding waste: tokens computed / real tokens, for random and for length-grouped batches
+  sketches: train mode recording norms and ``--sketch_dim`` gradient sketches against norms alone
 
 (c) and (d) only compute norms while (a) and (b) also train, so their ratios to (b) are
 conservative. Rows have Alpaca-like lengths (log-normal, most short, a long tail), pre-tokenized
@@ -15,6 +16,7 @@ wide, GPT-2's vocabulary; random weights).
 
     python benchmarks/throughput.py                          # both sizes, CPU, a few minutes
     python benchmarks/throughput.py --sizes tiny --rows 512 --output docs/throughput.md
+    python benchmarks/throughput.py --sketch_only --sketch_dim 1024   # the sketch overhead alone
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ def make_model(size: str, attn_implementation: str | None = None) -> GPT2LMHeadM
 
 
 def config(out: str, mode: str, members: int, batch: int, epochs: int, strategy: str,
-           stack: bool = False) -> GradFilterConfig:
+           stack: bool = False, sketch_dim: int = 0) -> GradFilterConfig:
     return GradFilterConfig(output_dir=out, num_members=members, num_train_epochs=epochs, late_epoch=epochs,
                             early_epoch=1, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
                             record_mode=mode, learning_rate=1e-4, logging_steps=10_000, disable_tqdm=True,
                             use_cpu=not torch.cuda.is_available(), train_sampling_strategy=strategy,
-                            bf16=torch.cuda.is_available(), max_length=1024, report_to="none", stack_members=stack)
+                            bf16=torch.cuda.is_available(), max_length=1024, report_to="none", stack_members=stack,
+                            sketch_dim=sketch_dim)
 
 
 def autocast():
@@ -103,11 +106,12 @@ def peak_gb() -> float:
 
 
 def run_trainer(size, rows, mode, members, batch, epochs, strategy="group_by_length", repeats=2,
-                stack=False) -> Result:
+                stack=False, sketch_dim=0) -> Result:
     seconds, peak = float("inf"), float("nan")
     for _ in range(repeats):  # the best of `repeats` runs: the first pays one-off allocation costs
         trainer = GradFilterTrainer(make_model(size), train_dataset=rows,
-                                    args=config("/tmp/hfg_bench", mode, members, batch, epochs, strategy, stack))
+                                    args=config("/tmp/hfg_bench", mode, members, batch, epochs, strategy, stack,
+                                                sketch_dim))
         reset_peak()
         start = time.perf_counter()
         trainer.train()
@@ -117,7 +121,8 @@ def run_trainer(size, rows, mode, members, batch, epochs, strategy="group_by_len
     tokens = int(np.sum(rows["length"] if "length" in rows.column_names else [len(x) for x in rows["input_ids"]]))
     label = {"none": "(a) training, recording off", "train": "(b) GradFilterTrainer, train mode",
              "snapshot": "(b) GradFilterTrainer, snapshot mode"}[mode]
-    return Result(f"{label}{', stacked members' if stack else ''}", seconds, len(rows) * members * epochs,
+    extra = (", stacked members" if stack else "") + (f", + sketches (d={sketch_dim})" if sketch_dim else "")
+    return Result(f"{label}{extra}", seconds, len(rows) * members * epochs,
                   tokens * members * epochs, note=f"{strategy} batches", peak_gb=peak)
 
 
@@ -229,6 +234,24 @@ def bench(size, n_rows, members, batch, epochs) -> tuple[list[Result], dict]:
     return results, padding(rows, batch, members)
 
 
+def bench_sketches(size, n_rows, members, batch, epochs, dim) -> str:
+    """Train mode with norms and ``dim``-dim sketches against norms alone, side by side (issue 14's <= 1.3x)."""
+    rows = alpaca_like_rows(n_rows, SIZES[size]["vocab_size"], 512)
+    repeats = 2 if size == "tiny" else 1
+    alone = run_trainer(size, rows, "train", members, batch, epochs, repeats=repeats)
+    both = run_trainer(size, rows, "train", members, batch, epochs, repeats=repeats, sketch_dim=dim)
+    lines = [f"### {size}: {n_rows} rows, M={members}, batch {batch} per member, {epochs} epoch(s), sketch d={dim}",
+             "", "| method | norms/s | time (s) |", "|---|---|---|"]
+    lines += [f"| {r.name} | {r.per_second:.1f} | {r.seconds:.1f} |" for r in (alone, both)]
+    ratio = alone.per_second / both.per_second
+    lines += ["", f"- sketch overhead, time (norms + sketches) / (norms alone): **{ratio:.3f}** (target <= 1.3)",
+              f"- sketch storage: 4 x M x (sketched epochs) x d bytes a row = {4 * members * dim / 1e3:.1f} kB a row "
+              f"here (one sketched epoch); at 1M rows, M=5, d={dim}: {4 * 5 * dim * 1e6 / 1e9:.1f} GB (file-backed "
+              "while training, like the record)",
+              ""]
+    return "\n".join(lines)
+
+
 def report(size, results, pad, args) -> str:
     floor = results[0].per_second
     train = results[1].per_second
@@ -268,6 +291,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--output", default=None, help="Also write the markdown report here.")
+    parser.add_argument("--sketch_dim", type=int, default=1024, help="Sketch dimension measured (0: skip).")
+    parser.add_argument("--sketch_only", action="store_true", help="Only the sketch overhead rows.")
     args = parser.parse_args()
     torch.manual_seed(0)
     run_trainer("tiny", alpaca_like_rows(32, 1024, 64), "train", 2, 8, 1, repeats=1)  # warm-up
@@ -276,10 +301,16 @@ def main():
               f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
               f"peft {__import__('peft').__version__}.", f"Command: python benchmarks/throughput.py "
               f"--sizes {' '.join(args.sizes)} --rows {args.rows} --rows_gpt2 {args.rows_gpt2} --members "
-              f"{args.members} --batch {args.batch} --epochs {args.epochs}", ""]
+              f"{args.members} --batch {args.batch} --epochs {args.epochs} --sketch_dim {args.sketch_dim}"
+              f"{' --sketch_only' if args.sketch_only else ''}", ""]
     text = "\n".join(header)
     print(text, flush=True)
-    for size in args.sizes:
+    for size in args.sizes if args.sketch_dim else []:
+        part = bench_sketches(size, args.rows if size == "tiny" else args.rows_gpt2, args.members, args.batch,
+                              args.epochs, args.sketch_dim)
+        print(part, flush=True)
+        text += "\n" + part
+    for size in [] if args.sketch_only else args.sizes:
         results, pad = bench(size, args.rows if size == "tiny" else args.rows_gpt2, args.members, args.batch,
                              args.epochs)
         part = report(size, results, pad, args)

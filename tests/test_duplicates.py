@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, near_duplicate_ids, near_duplicates
 from hf_gradfilter.demo.tiny import tiny_gpt2
-from hf_gradfilter.scores.duplicates import record_sketches
+from hf_gradfilter.scores.duplicates import nearest_earlier, record_sketches
 
 
 def brute_force(x: np.ndarray, threshold: float) -> np.ndarray:
@@ -42,6 +42,13 @@ def test_blocked_search_equals_brute_force_across_block_boundaries():
 def test_missing_or_zero_sketches_are_never_flagged_nor_matched():
     x = np.array([[1.0, 0.0], [np.nan, np.nan], [0.0, 0.0], [1.0, 0.0], [2.0, 1e-4]])
     np.testing.assert_array_equal(near_duplicates(x, 0.99), [-1, -1, -1, 0, 0])  # row 4: rows 0 and 3 tie
+
+
+def test_nearest_earlier_gives_the_most_similar_earlier_row_and_its_cosine():
+    x = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [-1.0, -0.1], [1.0, 1.0]])
+    index, cos = nearest_earlier(x)
+    np.testing.assert_array_equal(index, [-1, -1, 0, 2, 0])  # rows 2, 3: never the zero row 1; row 4: a tie
+    np.testing.assert_allclose(cos, [np.nan, np.nan, 0.0, -0.1 / np.sqrt(1.01), 1 / np.sqrt(2)], rtol=1e-6)
 
 
 def test_members_are_averaged_over_those_that_recorded_the_row():
@@ -93,3 +100,38 @@ def test_most_paraphrases_are_matched_to_their_original(demo_with_paraphrases):
     assert sum(nearest[p] == i for p, i in paraphrases.items()) >= 0.75 * len(paraphrases)  # 17 of 20 here
     flags = near_duplicate_ids(record, threshold=0.9)
     assert sum(flags[p] == i for p, i in paraphrases.items()) >= 0.5 * len(paraphrases)  # 13 of 20 here
+
+
+def test_score_with_sketches_then_select_drops_the_demo_repeats(tmp_path, capsys):
+    from datasets import load_from_disk
+    from test_cli import TINY
+
+    from hf_gradfilter.cli import main
+    from hf_gradfilter.demo.data import make_demo_dataset
+
+    out = tmp_path / "s"
+    demo = ["--demo_rows", "300", "--demo_pretrain_rows", "200", "--demo_pretrain_epochs", "1"]
+    assert main(["score", "--demo", "--output_dir", str(out), "--record_mode", "snapshot", "--sketch_dim", "256"]
+                + demo + TINY) == 0
+    scored = load_from_disk(str(out / "scored"))
+    rows = [tuple(r[k] for k in ("instruction", "input", "output")) for r in make_demo_dataset(num_rows=300)]
+    repeats = [i for i, r in enumerate(rows) if r in rows[:i]]
+    assert repeats  # the demo's small vocabularies repeat rows
+    cos = np.array(scored["sketch_nearest_cos"], dtype=float)
+    nearest = np.array(scored["sketch_nearest_id"])
+    assert (cos[repeats] >= 0.98).all() and all(rows[nearest[i]] == rows[i] for i in repeats)
+    assert nearest[0] == -1 and np.isnan(cos[0])
+    assert main(["select", "--scored", str(out / "scored"), "--ratio", "1.0", "--drop_near_duplicates", "0.98"]) == 0
+    assert f"Dropped {int((cos >= 0.98).sum())} near-duplicate rows" in capsys.readouterr().out
+    kept = load_from_disk(str(out / "selected_fit_rank_top100pct_nodup0.98"))
+    assert len(kept) == 300 - (cos >= 0.98).sum() and len(set(zip(kept["instruction"], kept["input"],
+                                                                   kept["output"]))) == len(kept)
+
+
+def test_drop_near_duplicates_needs_a_record_with_sketches(tmp_path, capsys):
+    from hf_gradfilter.selection.stage import drop_near_duplicates
+
+    with pytest.raises(ValueError, match="--sketch_dim"):
+        drop_near_duplicates(Dataset.from_dict({"x": [1, 2]}), 0.98)
+    with pytest.raises(ValueError, match="cosine in"):
+        drop_near_duplicates(Dataset.from_dict({"sketch_nearest_cos": [0.5, 0.99]}), 1.5)

@@ -28,36 +28,47 @@ def _unit_rows(sketches, start: int, stop: int) -> np.ndarray:
     return np.where(ok, block / np.where(ok, norms, 1), 0).astype(np.float32)
 
 
-def near_duplicates(sketches, threshold: float = 0.98, block: int = 2048) -> np.ndarray:
-    """For each row, the earlier row whose sketch is most like its own, if their cosine is ``>= threshold``, else -1.
+def nearest_earlier(sketches, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the earlier row whose sketch is most like its own, and their cosine.
 
     Args:
         sketches: ``(N, d)``, or ``(N, M, d)`` (averaged over the M members, NaN members left out),
             e.g. ``record.sketches[:, :, slot]`` (`record_sketches`).
-        threshold: the cosine above which two rows are near-duplicates, in ``(0, 1]``.
         block: rows compared at a time.
 
     Returns:
-        ``(N,)`` int64: ``argmax_{j < i} cos(s_i, s_j)`` (the smallest such j on ties) where that cosine
-        is ``>= threshold``, else -1. A row whose sketch is missing (NaN) or zero is never flagged nor matched.
+        ``(N,)`` int64 ``argmax_{j < i} cos(s_i, s_j)`` (the smallest such j on ties; -1 for the first
+        row and rows without a finite, non-zero sketch) and the ``(N,)`` float32 cosine (NaN where -1).
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold={threshold}: a cosine in (0, 1], e.g. 0.98.")
     n = len(sketches)
-    out = np.full(n, -1, dtype=np.int64)
+    index = np.full(n, -1, dtype=np.int64)
+    best = np.full(n, -np.inf, dtype=np.float32)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
-        rows, best = _unit_rows(sketches, i0, i1), np.full(i1 - i0, -np.inf, dtype=np.float32)
+        rows = _unit_rows(sketches, i0, i1)
         for j0 in range(0, i1, block):
             j1 = min(i1, j0 + block)
-            cos = rows @ _unit_rows(sketches, j0, j1).T  # (bi, bj)
+            cols = _unit_rows(sketches, j0, j1)
+            cos = rows @ cols.T  # (bi, bj)
             cos[np.arange(j0, j1)[None, :] >= np.arange(i0, i1)[:, None]] = -np.inf  # earlier rows only
+            cos[:, ~cols.any(axis=1)] = -np.inf  # rows without a sketch match nothing
             j = cos.argmax(axis=1)  # the first of equal maxima
             top = cos[np.arange(len(j)), j]
-            better = top > best  # strictly: an earlier block keeps a tie
-            best[better], out[i0:i1][better] = top[better], j0 + j[better]
-        out[i0:i1][best < threshold] = -1
-    return out
+            better = top > best[i0:i1]  # strictly: an earlier block keeps a tie
+            best[i0:i1][better], index[i0:i1][better] = top[better], j0 + j[better]
+        index[i0:i1][~rows.any(axis=1)] = -1  # and are matched to nothing
+    index[~(best > -np.inf)] = -1
+    return index, np.where(index >= 0, best, np.nan).astype(np.float32)
+
+
+def near_duplicates(sketches, threshold: float = 0.98, block: int = 2048) -> np.ndarray:
+    """For each row, the earlier row whose sketch is most like its own if their cosine is ``>= threshold``,
+    else -1 (`nearest_earlier`; ``threshold`` in ``(0, 1]``). A row whose sketch is missing (NaN) or zero
+    is never flagged nor matched."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold}: a cosine in (0, 1], e.g. 0.98.")
+    index, cos = nearest_earlier(sketches, block)
+    return np.where(cos >= threshold, index, -1)
 
 
 def record_sketches(record, epoch: int | None = None):
@@ -75,16 +86,27 @@ def record_sketches(record, epoch: int | None = None):
     return record.sketches[:, :, epochs.index(epoch)]
 
 
-def near_duplicate_ids(record, threshold: float = 0.98, epoch: int | None = None) -> np.ndarray:
-    """``(N,)`` int64: for each row of ``record``, the ``example_id`` of the earlier row (by example id) whose
-    member-averaged sketch at ``epoch`` is most like its own if their cosine is ``>= threshold``, else -1
-    (`near_duplicates`)."""
+def nearest_earlier_ids(record, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest_earlier` over ``record``'s member-averaged sketches at ``epoch``, rows in ``example_id``
+    order: ``(N,)`` int64 example id of each row's most similar earlier row (-1: none) and ``(N,)`` cosine,
+    both aligned with ``record.example_id``."""
     order = np.argsort(record.example_id, kind="stable")
     sketches = record_sketches(record, epoch)
     if not np.array_equal(order, np.arange(len(order))):
         sketches = sketches[order]
-    earlier = near_duplicates(sketches, threshold)
+    earlier, cos = nearest_earlier(sketches)
     ids = np.asarray(record.example_id)[order]
-    out = np.full(len(order), -1, dtype=np.int64)
-    out[order] = np.where(earlier >= 0, ids[np.maximum(earlier, 0)], -1)
-    return out
+    out_ids, out_cos = np.full(len(order), -1, dtype=np.int64), np.empty(len(order), dtype=np.float32)
+    out_ids[order] = np.where(earlier >= 0, ids[np.maximum(earlier, 0)], -1)
+    out_cos[order] = cos
+    return out_ids, out_cos
+
+
+def near_duplicate_ids(record, threshold: float = 0.98, epoch: int | None = None) -> np.ndarray:
+    """``(N,)`` int64: for each row of ``record``, the ``example_id`` of the earlier row (by example id) whose
+    member-averaged sketch at ``epoch`` is most like its own if their cosine is ``>= threshold``, else -1
+    (`nearest_earlier_ids`)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold}: a cosine in (0, 1], e.g. 0.98.")
+    ids, cos = nearest_earlier_ids(record, epoch)
+    return np.where(cos >= threshold, ids, -1)

@@ -7,11 +7,15 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from ..data.columns import read_int_columns
 from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
 from ..proxy.trainer import GradFilterTrainer
 from .baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from .checks import failure_signatures
+from .duplicates import nearest_earlier_ids
 from .scorer import score_dataset
 
 
@@ -77,6 +81,8 @@ def score(args: ScoreArguments, config: GradFilterConfig):
 def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
     """Append the record-based ablations (free) and the requested baselines to the scored rows."""
     scored = scored.map(RecordScorer(trainer.record), batched=True, with_indices=True, desc="Ablations")
+    if trainer.record.sketches is not None:  # scored with --sketch_dim
+        scored = add_nearest_columns(scored, trainer.record)
     fmt = trainer.instruction_format
     for name in args.extra_scores:
         adapters_off = contextlib.nullcontext()
@@ -97,6 +103,21 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
         with adapters_off:
             scored = scored.map(scorer, batched=True, with_indices=True, desc=name)
     return scored
+
+
+def add_nearest_columns(scored, record):
+    """``scored`` (the rows ``record`` was made from: matched by ``example_id``, or by position) with
+    ``sketch_nearest_id`` (the example id of the earlier row whose member-averaged late-epoch gradient sketch
+    is most like the row's; -1: none) and ``sketch_nearest_cos`` (their cosine; NaN: none), from
+    `duplicates.nearest_earlier_ids`. ``select --drop_near_duplicates COS`` drops rows whose cosine >= COS."""
+    ids, cos = nearest_earlier_ids(record)
+    lookup = np.full(int(np.max(record.example_id, initial=-1)) + 1, -1, dtype=np.int64)
+    lookup[np.asarray(record.example_id)] = np.arange(len(ids))
+    rows = (read_int_columns(scored, ["example_id"])["example_id"] if "example_id" in scored.column_names
+            else np.arange(len(scored)))
+    at = lookup[rows]
+    scored = scored.add_column("sketch_nearest_id", ids[at].tolist())
+    return scored.add_column("sketch_nearest_cos", cos[at].astype(np.float64).tolist())
 
 
 def print_score_summary(trainer) -> None:

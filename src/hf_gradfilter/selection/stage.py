@@ -35,6 +35,19 @@ def select_rows(dataset, score_column: str, fraction: float | None = None, k: in
     return selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}
 
 
+def drop_near_duplicates(dataset, threshold: float):
+    """``dataset`` without the rows whose ``sketch_nearest_cos`` is ``>= threshold`` (a cosine in ``(0, 1]``), and
+    how many were dropped."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"--drop_near_duplicates {threshold}: give a cosine in (0, 1], e.g. 0.98.")
+    if "sketch_nearest_cos" not in dataset.column_names:
+        raise ValueError("--drop_near_duplicates needs the column sketch_nearest_cos: score with gradient sketches "
+                         "(`hf-gradfilter score --sketch_dim 1024 ...`).")
+    cos = np.asarray(read_columns(dataset, ["sketch_nearest_cos"])["sketch_nearest_cos"], dtype=np.float64)
+    keep = np.nonzero(~(cos >= threshold))[0]
+    return dataset.select(keep), len(cos) - len(keep)
+
+
 @dataclass
 class SelectArguments:
     """Which rows to keep."""
@@ -62,6 +75,10 @@ class SelectArguments:
     quota: list[str] = field(default_factory=list, metadata={
         "help": "With --group_mode quota: GROUP=N (rows) or GROUP=0.25 (a fraction, with a decimal point), one per "
                 "group; groups without a quota follow --ratio / --top_k per group, or keep nothing."})
+    drop_near_duplicates: float | None = field(default=None, metadata={
+        "help": "Before selecting, drop rows whose gradient sketch has cosine >= this (e.g. 0.98) with an earlier "
+                "row's (the column sketch_nearest_cos, written by `score --sketch_dim 1024`); the first row of each "
+                "group of near-duplicates stays."})
 
 
 def parse_quotas(items: list[str]) -> dict[str, int | float]:
@@ -91,6 +108,9 @@ def select(args: SelectArguments):
     if args.ratio is not None and args.top_k is not None:
         raise ValueError("Pass either --ratio or --top_k, not both.")
     scored = load_rows(args.scored)
+    dropped = 0
+    if args.drop_near_duplicates is not None:
+        scored, dropped = drop_near_duplicates(scored, args.drop_near_duplicates)
     selected, stats = select_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
                                   group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None)
     if args.group_mode == "quota":
@@ -98,11 +118,17 @@ def select(args: SelectArguments):
     else:
         tag = f"top{round(args.ratio * 100)}pct" if args.ratio is not None else f"top{args.top_k}"
         tag = f"per_{args.group_column}_{tag}" if args.group_mode == "per_group" else tag
+    if args.drop_near_duplicates is not None:
+        tag += f"_nodup{args.drop_near_duplicates:g}"
+        stats["num_near_duplicates_dropped"] = dropped
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)),
                                          f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
     print(f"Selected {stats['num_selected']} of {stats['num_rows']} rows by {args.score_column!r} "
           f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")
+    if args.drop_near_duplicates is not None:
+        print(f"Dropped {dropped} near-duplicate rows first (gradient-sketch cosine >= {args.drop_near_duplicates:g} "
+              "with an earlier row).")
     if args.group_column is not None:
         print(f"Rows kept per {args.group_column!r} ({args.group_mode}):")
         print(format_group_table(stats["groups"], args.group_column))

@@ -121,6 +121,8 @@ def test_score_with_sketches_then_select_drops_the_demo_repeats(tmp_path, capsys
     nearest = np.array(scored["sketch_nearest_id"])
     assert (cos[repeats] >= 0.98).all() and all(rows[nearest[i]] == rows[i] for i in repeats)
     assert nearest[0] == -1 and np.isnan(cos[0])
+    assert f"Near-duplicates (gradient-sketch cosine >= 0.98 with an earlier row): {int((cos >= 0.98).sum())}" in \
+        capsys.readouterr().out
     assert main(["select", "--scored", str(out / "scored"), "--ratio", "1.0", "--drop_near_duplicates", "0.98"]) == 0
     assert f"Dropped {int((cos >= 0.98).sum())} near-duplicate rows" in capsys.readouterr().out
     kept = load_from_disk(str(out / "selected_fit_rank_top100pct_nodup0.98"))

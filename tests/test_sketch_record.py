@@ -133,3 +133,27 @@ def test_a_run_resumed_mid_epoch_records_the_uninterrupted_sketches(tokenizer, a
     full = record()
     resumed = record(str(tmp_path / "checkpoint-4"))  # 3 steps per epoch: mid epoch 2
     np.testing.assert_allclose(resumed.sketches, full.sketches, rtol=1e-6, atol=1e-7)
+
+
+def test_the_float32_rerecord_of_an_overflowed_batch_sketches_each_rows_true_gradient(tokenizer, alpaca_small,
+                                                                                       tmp_path):
+    import torch
+    from test_rerecord import batch_of, one_at_a_time
+
+    from hf_gradfilter.demo.tiny import tiny_gpt2
+    from hf_gradfilter.proxy.rerecord import rerecord
+
+    args = GradFilterConfig(output_dir=str(tmp_path), num_members=2, lora_r=4, lora_alpha=8, max_length=256,
+                            disable_tqdm=True, seed=3, use_cpu=True, init_lora_weights="gaussian", sketch_dim=DIM)
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=args, train_dataset=alpaca_small,
+                                processing_class=tokenizer)
+    trainer._activate("member_1")
+    trainer._sketch_epoch(1)  # the late epoch (0-based 1) is sketched
+    batch = batch_of(trainer, [0, 3, 5])
+    modules = trainer.recorder.modules["member_1"]
+    rerecord(trainer, trainer.model, batch, "member_1", batch["weight"], 0.25, directions=False)
+    grads = one_at_a_time(trainer, batch, [m.weight for m in modules])
+    shapes = [tuple(m.weight.shape) for m in modules]
+    want = [sum((p.T @ g @ q).reshape(-1) for (p, q), g in zip(projections(shapes, DIM, 0), row))
+            for row in grads]
+    assert_sketches(trainer.recorder.sketches.detach().numpy(), torch.stack(want).detach().numpy())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.columns import read_int_columns
+from ..data.columns import read_columns, read_int_columns
 from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
 from ..proxy.trainer import GradFilterTrainer
@@ -131,6 +131,10 @@ def print_score_summary(trainer) -> None:
     print(f"Rows: {stats['num_rows']}; truncated to max_length={stats['max_length']}: {stats['num_truncated']}; "
           f"no response token (NaN score): {stats['num_no_response']}, of which empty responses: "
           f"{stats.get('num_empty_response', 0)}; duplicate rows (scored each): {stats.get('num_duplicate_rows', 0)}")
+    if "sketch_nearest_cos" in trainer.scored.column_names:
+        cos = np.asarray(read_columns(trainer.scored, ["sketch_nearest_cos"])["sketch_nearest_cos"], dtype=float)
+        print(f"Near-duplicates (gradient-sketch cosine >= 0.98 with an earlier row): {int((cos >= 0.98).sum())}; "
+              "`select --drop_near_duplicates 0.98` drops them.")
     for warning in failure_signatures(trainer.record, trainer.args.early_epoch, trainer.args.late_epoch):
         print(f"Warning: {warning}")
     out = trainer.args.output_dir

@@ -476,6 +476,8 @@ def main(argv=None):
     p.add_argument("--no_all_rows", action="store_true", help="skip the all-rows fine-tune")
     p.add_argument("--also", nargs="*", default=["mid_loss+mid_energy"],
                    help="more keep-scores fine-tuned downstream (reported, not chosen: the default is chosen on (b))")
+    p.add_argument("--report_only", action="store_true",
+                   help="write the report from the cached stages only (downstream runs not cached are left out)")
     p.add_argument("--generate_weak", type=int, default=0, help="(re)write the weak-answer file for N instructions")
     p.add_argument("--work_dir", default="runs/real_quality")
     p.add_argument("--out", default=None, help="write <out>.md/.json/.png (default docs/real_quality[_quick])")
@@ -524,6 +526,8 @@ def main(argv=None):
             arrays = {"norms": rec.norms, "losses": rec.losses, "cosines": getattr(rec, "cosines", None)}
             return {"seed": seed, "diag": diag,
                     "record": {k: None if v is None else np.asarray(v).tolist() for k, v in arrays.items()}}
+        if args.report_only and not (work / f"score_seed{seed}.json").exists():
+            continue
         run = cached(work / f"score_seed{seed}.json", one_seed)
         run["scores"] = keep_scores(run["record"], ifd, length, len(pool))
         run["detection"] = detection(run["scores"], pool)
@@ -561,6 +565,8 @@ def main(argv=None):
         down[name] = []
         for j, idx in enumerate(subsets):
             tag = re.sub(r"[^A-Za-z0-9]+", "_", name) + f"_{j}"
+            if args.report_only and not (work / f"down_{tag}.json").exists():
+                continue
             res = cached(work / f"down_{tag}.json", lambda idx=idx, tag=tag: finetune_and_eval(
                 model_dir, tokenizer, train(idx), eval_rows, gen_rows, epochs=args.epochs,
                 out_dir=str(work / f"target_{tag}"), max_new_tokens=args.max_new_tokens))
@@ -570,6 +576,7 @@ def main(argv=None):
             print(f"[downstream {name} #{j}] rows {len(idx)} bad {res['bad_share']:.0%} loss {res['eval_loss']:.4f} "
                   f"ROUGE-L {res['rougeL']:.4f} ({res['seconds']:.0f}s)", flush=True)
 
+    down = {name: runs for name, runs in down.items() if runs}
     result = {"args": vars(args), "pool": {"rows": len(pool), "families": _counts(pool)}, "chosen": chosen,
               "choice_scores": choose, "runs": [{k: r[k] for k in ("seed", "diag", "detection")} for r in runs],
               "downstream": down, "versions": versions(), "wall_seconds": time.time() - t_start,
@@ -582,7 +589,7 @@ def main(argv=None):
 
 def check_cache_settings(work: Path, args) -> None:
     """Refuse to resume from a stage cache made with other settings (its results would be mixed in)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "out", "also", "generate_weak")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "out", "also", "generate_weak", "report_only")}
     path = work / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())

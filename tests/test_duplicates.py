@@ -3,8 +3,8 @@ it flags every exact repeat and matches most constructed paraphrases to their or
 a tiny GPT-2 proxy).
 
 The tiny proxy barely learns the demo in 2 epochs, so its gradients are dominated by the response:
-at cosine 0.9 it also flags 86 of the 373 distinct demo rows (42 of them repeat an earlier row's exact
-response, e.g. "There are 5 words."), at 0.98 34 (29). These are gradient near-duplicates, not text ones.
+at cosine 0.9 it also flags 67 of the 373 distinct demo rows (42 of them repeat an earlier row's exact
+response, e.g. "There are 5 words."), at 0.98 30 (29). These are gradient near-duplicates, not text ones.
 """
 
 from __future__ import annotations

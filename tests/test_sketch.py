@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from hf_gradfilter.proxy.sketch import LoraSketcher, lora_sketch, projections, sketch_factors
+from hf_gradfilter.proxy.sketch import (
+    LoraSketcher,
+    lora_sketch,
+    matrix_factors,
+    projections,
+    relative_variance,
+    sketch_factors,
+)
 
 
 def explicit(a, g, p, q):
@@ -47,9 +54,9 @@ def test_sketcher_sums_matrices_and_divides_by_the_loss_factor():
 def test_projections_are_seeded_per_matrix():
     one = projections([(4, 7), (7, 4)], 64, seed=5)
     again = projections([(4, 7)], 64, seed=5)  # matrix 0 does not depend on what follows
-    torch.testing.assert_close(one[0][0], again[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(one[0][1], again[0][1], rtol=0, atol=0)
     other = projections([(4, 7)], 64, seed=6)
-    assert not torch.equal(one[0][0], other[0][0])
+    assert not torch.equal(one[0][1], other[0][1])
 
 
 @pytest.mark.parametrize("dim, factors", [(256, (16, 16)), (512, (16, 32)), (1024, (32, 32)), (2048, (32, 64))])
@@ -63,26 +70,37 @@ def test_lopsided_or_tiny_sketch_dims_are_refused(dim):
         sketch_factors(dim)
 
 
-def test_inner_products_are_kept_in_expectation_with_the_stated_variance():
+@pytest.mark.parametrize("shape, exact", [((4, 24), "out"), ((24, 4), "in"), ((24, 40), None)])
+def test_lora_rank_sides_are_kept_exactly_and_other_matrices_get_two_gaussians(shape, exact):
+    d1, d2, side = matrix_factors(*shape, 64)
+    assert side == exact and d1 * d2 == 64
+    (p, q), = projections([shape], 64, seed=0)
+    assert p.shape == (shape[0], d1) and q.shape == (shape[1], d2)
+    if exact == "out":
+        assert torch.equal(p, torch.eye(4))
+    if exact == "in":
+        assert torch.equal(q, torch.eye(4))
+
+
+@pytest.mark.parametrize("shape", [(4, 24), (24, 4), (24, 40)])
+def test_inner_products_are_kept_in_expectation_with_the_stated_variance(shape):
     rng = np.random.default_rng(0)
-    # two "gradients", each 3 LoRA-like matrices (rank-limited, as LoRA's are)
-    shapes = [(4, 24), (24, 4), (4, 24)]
-    xs = [rng.standard_normal((o, 2)) @ rng.standard_normal((2, i)) for o, i in shapes]
+    # two "gradients", each 3 matrices of this shape (rank-limited, as LoRA's are)
+    xs = [rng.standard_normal((shape[0], 2)) @ rng.standard_normal((2, shape[1])) for _ in range(3)]
     ys = [x + 0.8 * rng.standard_normal(x.shape) for x in xs]
     true = sum((x * y).sum() for x, y in zip(xs, ys))
     dots, norms = [], []
     for seed in range(2000):
-        proj = projections(shapes, 64, seed)
-        sx = sum((p.double().T @ torch.from_numpy(x) @ q.double()).reshape(-1) for (p, q), x in zip(proj, xs))
-        sy = sum((p.double().T @ torch.from_numpy(y) @ q.double()).reshape(-1) for (p, q), y in zip(proj, ys))
+        proj = [(p.double(), q.double()) for p, q in projections([shape] * 3, 64, seed)]
+        sx = sum((p.T @ torch.from_numpy(x) @ q).reshape(-1) for (p, q), x in zip(proj, xs))
+        sy = sum((p.T @ torch.from_numpy(y) @ q).reshape(-1) for (p, q), y in zip(proj, ys))
         dots.append(float(sx @ sy))
-        norms.append(float(sum(((p.double().T @ torch.from_numpy(xs[0]) @ q.double()) ** 2).sum()
-                               for p, q in [proj[0]])))
+        p, q = proj[0]
+        norms.append(float(((p.T @ torch.from_numpy(xs[0]) @ q) ** 2).sum()))
     dots, norms = np.array(dots), np.array(norms)
     assert abs(dots.mean() - true) < 4 * dots.std() / np.sqrt(len(dots))  # unbiased (4 standard errors)
     x = xs[0]
     n2, rho = (x**2).sum(), ((x @ x.T) ** 2).sum() / (x**2).sum() ** 2
-    d1, d2 = sketch_factors(64)
-    stated = 2 / 64 + 2 * rho * (1 / d1 + 1 / d2 + 1 / 64)
+    stated = relative_variance(*shape, 64, rho)
     assert abs(norms.mean() / n2 - 1) < 4 * np.sqrt(stated / len(norms))
     assert 0.8 < (norms.var() / n2**2) / stated < 1.2

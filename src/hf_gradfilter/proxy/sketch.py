@@ -3,27 +3,34 @@ computed in batch from the tensors the norm hooks already capture, never buildin
 
 For LoRA matrix k (``(d_out, d_in)``; PEFT's ``lora_A`` and ``lora_B`` are two such matrices per
 adapted layer, each with its own per-example gradient) example b's gradient is
-``G_bk = sum_t g_{b,t} a_{b,t}^T``. With two Gaussian matrices per k, ``P_k`` ``(d_out, d1)`` with entries
-``N(0, 1/d1)`` and ``Q_k`` ``(d_in, d2)`` with entries ``N(0, 1/d2)``, ``d = d1 * d2``, the sketch is
+``G_bk = sum_t g_{b,t} a_{b,t}^T``. With two matrices per k, ``P_k`` ``(d_out, d1)`` and ``Q_k``
+``(d_in, d2)``, ``d1 * d2 = d``, the sketch is
 
     s_b = sum_k vec(P_k^T G_bk Q_k) = sum_k sum_t (P_k^T g_{b,t}) (x) (Q_k^T a_{b,t})        (d,)
 
-(a Kronecker projection of each matrix, summed over matrices): two thin matmuls per matrix and one
-``(d1, T) x (T, d2)`` product per example (`lora_sketch`), so the cost grows with ``d_out * d1 + d_in * d2``
-per token, not ``d_out * d_in``.
+summed over matrices: two thin matmuls per matrix and one ``(d1, T) x (T, d2)`` product per example
+(`lora_sketch`), so the cost grows with ``d_out * d1 + d_in * d2`` per token, not ``d_out * d_in``.
+Which ``P_k, Q_k`` (`matrix_factors`): LoRA matrices have a rank side (``lora_A``: ``d_out = r``;
+``lora_B``: ``d_in = r``). When r divides d and ``r <= sqrt(d)``, that side is kept exactly (identity,
+``d1 = r``) and the other is a dense Gaussian with ``d / r`` columns, entries ``N(0, r/d)``: each of
+the r rows (or columns) of ``G`` gets a Johnson-Lindenstrauss projection. Otherwise both sides are
+Gaussian, ``d1 ~ d2 ~ sqrt(d)`` (`sketch_factors`), entries ``N(0, 1/d1)`` and ``N(0, 1/d2)`` (Kronecker).
 
-Why inner products are kept: ``E[P P^T] = I`` and ``E[Q Q^T] = I``, and the ``P, Q`` are independent, so
-``E <P^T X Q, P^T Y Q>_F = <X, Y>_F``; projections of different matrices are independent with mean 0,
-so cross terms vanish and ``E <s_b, s_c> = sum_k <G_bk, G_ck> = <g_b, g_c>`` over all LoRA parameters
-(unbiased for every pair, hence for norms and cosines up to the noise below). The noise is larger
-than a dense Gaussian projection's ``2/d``: for one matrix ``X`` with ``rho = ||X X^T||_F^2 / ||X||_F^4``
-(between 1/rank and 1; LoRA's rank r caps the rank, so ``rho >= 1/r``)
+Why inner products are kept: ``E[P P^T] = I`` and ``E[Q Q^T] = I`` (trivially for an identity), with
+``P, Q`` independent, so ``E <P^T X Q, P^T Y Q>_F = <X, Y>_F``; projections of different matrices are
+independent with mean 0, so cross terms vanish and ``E <s_b, s_c> = sum_k <G_bk, G_ck> = <g_b, g_c>``
+over all LoRA parameters (unbiased for every pair). The noise, for one matrix ``X`` with
+``rho = ||X X^T||_F^2 / ||X||_F^4`` (between 1/rank and 1; LoRA's rank r caps the rank, so ``rho >= 1/r``)
+(`relative_variance`):
 
-    Var ||P^T X Q||_F^2 / ||X||_F^4 = 2/d + 2 rho (1/d1 + 1/d2 + 1/d)
+    Var ||P^T X Q||_F^2 / ||X||_F^4 = 2 rho r / d                              (rank side exact)
+                                    = 2/d + 2 rho (1/d1 + 1/d2 + 1/d)          (Kronecker)
 
-(conditioning on ``P``: a Gaussian quadratic form in ``Q``, then a Wishart second moment in ``P``), so
-about ``4 rho / sqrt(d)`` at ``d1 = d2``. Summing over K independently projected matrices of similar
-norm divides the relative variance by about K (a GPT-2 with LoRA on 3 modules in 12 layers has K = 72).
+(conditioning on ``P``: a Gaussian quadratic form in ``Q``, then a Wishart second moment in ``P``);
+a dense Gaussian projection of the whole gradient has ``2/d``. The rank-side form is within a factor
+``rho r`` (at most r) of it; the Kronecker one is about ``4 rho / sqrt(d)``. Summing over K independently
+projected matrices of similar norm divides the relative variance by about K (GPT-2 with LoRA on 3
+modules in 12 layers: K = 72).
 
 Projections are drawn per matrix from ``numpy.random.default_rng([seed, k])`` (float32) and shared by
 all members (member m's matrix k and member m''s get the same ``P_k, Q_k``), so sketches of different
@@ -39,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-PROJECTION = "kronecker_gaussian"  # recorded in the record's metadata
+PROJECTION = "gaussian_rank_side_exact"  # recorded in the record's metadata (`matrix_factors`)
 
 
 def sketch_factors(dim: int) -> tuple[int, int]:
@@ -55,15 +62,40 @@ def sketch_factors(dim: int) -> tuple[int, int]:
     return d1, dim // d1
 
 
+def matrix_factors(d_out: int, d_in: int, dim: int) -> tuple[int, int, str | None]:
+    """``(d1, d2, exact)`` of the projection of a ``(d_out, d_in)`` matrix into ``dim = d1 * d2``. A side of size
+    r at most ``sqrt(dim)`` that divides ``dim`` (LoRA's rank side) is kept exactly: ``exact="out"``
+    (``d1 = d_out``) or ``"in"`` (``d2 = d_in``), the other side getting ``dim / r`` columns; otherwise
+    ``exact=None`` and `sketch_factors`."""
+    root, _ = sketch_factors(dim)
+    if d_out <= root and dim % d_out == 0:
+        return d_out, dim // d_out, "out"
+    if d_in <= root and dim % d_in == 0:
+        return dim // d_in, d_in, "in"
+    return (*sketch_factors(dim), None)
+
+
+def relative_variance(d_out: int, d_in: int, dim: int, rho: float) -> float:
+    """``Var ||P^T X Q||_F^2 / ||X||_F^4`` for a ``(d_out, d_in)`` matrix X with ``rho = ||X X^T||_F^2 / ||X||_F^4``
+    (see the module docstring)."""
+    d1, d2, exact = matrix_factors(d_out, d_in, dim)
+    if exact is not None:
+        return 2 * rho / (d2 if exact == "out" else d1)
+    return 2 / dim + 2 * rho * (1 / d1 + 1 / d2 + 1 / dim)
+
+
 def projections(shapes: list[tuple[int, int]], dim: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``(P_k, Q_k)`` of every matrix of ``shapes`` (``(d_out, d_in)`` each): float32 Gaussians of
-    shapes ``(d_out, d1)`` and ``(d_in, d2)``, variances ``1/d1`` and ``1/d2``, from ``default_rng([seed, k])``."""
-    d1, d2 = sketch_factors(dim)
+    """The ``(P_k, Q_k)`` of every matrix of ``shapes`` (``(d_out, d_in)`` each), float32, ``(d_out, d1)`` and
+    ``(d_in, d2)`` (`matrix_factors`): an identity on an exact side, else a Gaussian with variance one over its
+    number of columns, from ``default_rng([seed, k])``."""
     out = []
     for k, (d_out, d_in) in enumerate(shapes):
         rng = np.random.default_rng([seed, k])
-        p = rng.standard_normal((d_out, d1), dtype=np.float32) / np.float32(math.sqrt(d1))
-        q = rng.standard_normal((d_in, d2), dtype=np.float32) / np.float32(math.sqrt(d2))
+        d1, d2, exact = matrix_factors(d_out, d_in, dim)
+        p = (np.eye(d_out, dtype=np.float32) if exact == "out"
+             else rng.standard_normal((d_out, d1), dtype=np.float32) / np.float32(math.sqrt(d1)))
+        q = (np.eye(d_in, dtype=np.float32) if exact == "in"
+             else rng.standard_normal((d_in, d2), dtype=np.float32) / np.float32(math.sqrt(d2)))
         out.append((torch.from_numpy(p), torch.from_numpy(q)))
     return out
 
@@ -98,7 +130,6 @@ class LoraSketcher:
 
     def __init__(self, modules: list[nn.Module], dim: int, seed: int):
         self.dim, self.seed = dim, seed
-        self.factors = sketch_factors(dim)
         self._cpu = projections([tuple(m.weight.shape) for m in modules], dim, seed)
         self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.enabled = False
@@ -122,7 +153,7 @@ class LoraSketcher:
 
     def metadata(self, epochs: list[int]) -> dict:
         """What a record needs to say how its sketches were made (``epochs``: 1-based, in storage order)."""
-        return {"dim": self.dim, "seed": self.seed, "factors": list(self.factors), "projection": PROJECTION,
+        return {"dim": self.dim, "seed": self.seed, "projection": PROJECTION,
                 "epochs": list(epochs), "matrices": len(self._cpu)}
 
 

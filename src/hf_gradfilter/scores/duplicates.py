@@ -5,7 +5,9 @@ Exact repeats of a row get the same gradient at the same weights (snapshot mode)
 agree to float rounding; rows that say the same thing in other words pull the LoRA weights the same
 way and land near each other. Pure numpy over arrays (memory-mapped ones welcome): rows are compared
 in blocks of ``block`` by matrix products, so memory is ``O(block * (block + d))``, never ``O(N^2)``;
-time is ``O(N^2 d / 2)`` multiply-adds (N = 52k, d = 1024: about 1.4e12).
+time is ``O(N^2 d / 2)`` multiply-adds: 16,384 rows (M = 5, d = 1024) take 3.7 s on one CPU core, so
+about 40 s at Alpaca's 52k rows and about 4 hours at 1M rows (there, an approximate nearest-neighbour index
+would be the tool).
 """
 
 from __future__ import annotations

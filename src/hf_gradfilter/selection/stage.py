@@ -35,17 +35,29 @@ def select_rows(dataset, score_column: str, fraction: float | None = None, k: in
     return selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}
 
 
-def drop_near_duplicates(dataset, threshold: float):
-    """``dataset`` without the rows whose ``sketch_nearest_cos`` is ``>= threshold`` (a cosine in ``(0, 1]``), and
-    how many were dropped."""
+def drop_near_duplicates(dataset, threshold: float, score_column: str = DEFAULT_SCORE):
+    """``dataset`` with ``score_column`` set to NaN on the rows whose ``sketch_nearest_cos`` is ``>= threshold`` (a
+    cosine in ``(0, 1]``), and how many rows that is.
+
+    NaN rows are never selected, while ``--ratio``, per-group counts and quotas still count every row, so a
+    deduplicated top 10% has the size of any other top 10% (a random baseline included). A row is flagged
+    against its most similar earlier row, whether or not that row is itself flagged (a chain of near-copies
+    keeps its first row only)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"--drop_near_duplicates {threshold}: give a cosine in (0, 1], e.g. 0.98.")
     if "sketch_nearest_cos" not in dataset.column_names:
         raise ValueError("--drop_near_duplicates needs the column sketch_nearest_cos: score with gradient sketches "
                          "(`hf-gradfilter score --sketch_dim 1024 ...`).")
+    if score_column not in dataset.column_names:
+        raise ValueError(f"Column {score_column!r} is not in the dataset (columns: {dataset.column_names}).")
     cos = np.asarray(read_columns(dataset, ["sketch_nearest_cos"])["sketch_nearest_cos"], dtype=np.float64)
-    keep = np.nonzero(~(cos >= threshold))[0]
-    return dataset.select(keep), len(cos) - len(keep)
+    dup = cos >= threshold
+    if dup.any():
+        scores = np.array(read_columns(dataset, [score_column])[score_column], dtype=np.float64)  # a writable copy
+        scores[dup] = np.nan
+        order = dataset.column_names
+        dataset = dataset.remove_columns(score_column).add_column(score_column, scores).select_columns(order)
+    return dataset, int(dup.sum())
 
 
 @dataclass
@@ -76,9 +88,9 @@ class SelectArguments:
         "help": "With --group_mode quota: GROUP=N (rows) or GROUP=0.25 (a fraction, with a decimal point), one per "
                 "group; groups without a quota follow --ratio / --top_k per group, or keep nothing."})
     drop_near_duplicates: float | None = field(default=None, metadata={
-        "help": "Before selecting, drop rows whose gradient sketch has cosine >= this (e.g. 0.98) with an earlier "
-                "row's (the column sketch_nearest_cos, written by `score --sketch_dim 1024`); the first row of each "
-                "group of near-duplicates stays."})
+        "help": "Never select rows whose gradient sketch has cosine >= this (e.g. 0.98) with an earlier row's (the "
+                "column sketch_nearest_cos, written by `score --sketch_dim 1024`); --ratio and quotas still count "
+                "every row, so the subset keeps its size."})
 
 
 def parse_quotas(items: list[str]) -> dict[str, int | float]:
@@ -110,7 +122,7 @@ def select(args: SelectArguments):
     scored = load_rows(args.scored)
     dropped = 0
     if args.drop_near_duplicates is not None:
-        scored, dropped = drop_near_duplicates(scored, args.drop_near_duplicates)
+        scored, dropped = drop_near_duplicates(scored, args.drop_near_duplicates, args.score_column)
     selected, stats = select_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
                                   group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None)
     if args.group_mode == "quota":
@@ -128,7 +140,7 @@ def select(args: SelectArguments):
           f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")
     if args.drop_near_duplicates is not None:
         print(f"Dropped {dropped} near-duplicate rows first (gradient-sketch cosine >= {args.drop_near_duplicates:g} "
-              "with an earlier row).")
+              "with an earlier row; never selected, still counted in --ratio).")
     if args.group_column is not None:
         print(f"Rows kept per {args.group_column!r} ({args.group_mode}):")
         print(format_group_table(stats["groups"], args.group_column))

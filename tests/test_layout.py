@@ -103,3 +103,14 @@ def test_old_flat_module_paths_import_the_moved_modules():
 
     for old, new in MOVED.items():
         assert importlib.import_module(f"hf_gradfilter.{old}") is importlib.import_module(f"hf_gradfilter.{new}")
+
+
+def test_importing_an_old_path_leaves_the_moved_module_its_own_spec():
+    import subprocess
+    import sys
+
+    code = ("import importlib, hf_gradfilter.hub as old, hf_gradfilter.publish.hub as new\n"
+            "assert old is new and new.__spec__.name == 'hf_gradfilter.publish.hub', new.__spec__\n"
+            "assert new.__spec__.parent == new.__package__ == 'hf_gradfilter.publish'\n"
+            "assert importlib.reload(new) is new and new.__spec__.name == 'hf_gradfilter.publish.hub'\n")
+    subprocess.run([sys.executable, "-W", "error::ImportWarning", "-c", code], check=True)

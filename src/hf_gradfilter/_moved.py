@@ -45,10 +45,13 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return importlib.import_module(f"{__package__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        module = importlib.import_module(f"{__package__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        spec.loader_state = module.__spec__  # importlib sets module.__spec__ to the alias's; exec_module undoes it
+        return module
 
     def exec_module(self, module):
-        pass  # already executed under its new name
+        # already executed under its new name: give it back its own spec (relative imports, reload)
+        module.__spec__ = module.__spec__.loader_state
 
 
 def install() -> None:

@@ -3,12 +3,15 @@ same members' weights as the per-member path, and the stacked LoRA forward equal
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from test_norms_exact import TARGETS, CaptureLora, config, make_model, reference_norms
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
+from hf_gradfilter.demo.tiny import tiny_gpt2
 from hf_gradfilter.proxy.model import build_ensemble, member_name, per_example_loss
 from hf_gradfilter.proxy.norms import LoraNormRecorder
 from hf_gradfilter.proxy.stacked import stack_batches, stacked_lora
@@ -185,3 +188,15 @@ def test_stack_members_refuses_members_of_different_ranks(tokenizer):
     with pytest.raises(ValueError, match="shape differs"):
         with stacked_lora(model, NAMES + ["member_3"], torch.tensor([0])):
             pass
+
+
+def test_base_model_dropout_is_warned_about(tokenizer):
+    from hf_gradfilter.proxy.stacked import _warn_base_dropout
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_base_dropout(tiny_gpt2(tokenizer, n_embd=32, n_head=2))  # the tiny models have no dropout
+    model = tiny_gpt2(tokenizer, n_embd=32, n_head=2)
+    model.config.resid_pdrop = 0.1
+    with pytest.warns(UserWarning, match="resid_pdrop"):
+        _warn_base_dropout(model)

@@ -15,7 +15,9 @@ the per-member path uses, on the same gradients.
 What differs from the per-member path: the M batches are padded to the widest of them (more
 padding than per-member length-grouped batches; the rows' results are the same), a step holds
 M times the activations, and float sums run in another order (results agree to float rounding).
-Not supported (refused by `GradFilterConfig`): fp16 (its overflow re-record is per member),
+The same record needs the base model's dropout off (pretrained ``gpt2`` has 0.1): one stacked forward
+draws other dropout masks than M separate ones, so with dropout on the two paths differ by the draws
+(a warning says so). Not supported (refused by `GradFilterConfig`): fp16 (its overflow re-record is per member),
 gradient checkpointing, LoRA dropout; and members of different ranks or LoRA variants.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +33,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .sampler import pad_batch
+
+_DROPOUT_FIELDS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout",
+                   "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
+
+
+def _warn_base_dropout(model) -> None:
+    """Warn when the base model drops out in training: stacked and per-member runs then draw other masks."""
+    config = getattr(model, "config", None)
+    active = {f: getattr(config, f) for f in _DROPOUT_FIELDS
+              if isinstance(getattr(config, f, None), (int, float)) and getattr(config, f) > 0}
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or active:
+        warnings.warn(f"stack_members with the base model's dropout on ({active or 'nn.Dropout modules'}): the "
+                      "record and weights differ from the per-member path by the dropout draws. Set the model's "
+                      "dropout to 0 (e.g. resid_pdrop=embd_pdrop=attn_pdrop=0 for GPT-2) for the same results.",
+                      stacklevel=3)
 
 
 def stacked_layers(model: nn.Module, names: list[str], recorder=None) -> list[tuple[nn.Module, tuple[int, int]]]:
@@ -39,6 +57,7 @@ def stacked_layers(model: nn.Module, names: list[str], recorder=None) -> list[tu
     Raises ValueError for what the stacked forward does not cover: a layer with only some members,
     members of different shapes, LoRA dropout, bias or variants (DoRA, ...).
     """
+    _warn_base_dropout(model)
     layers = []
     for path, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)

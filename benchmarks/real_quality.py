@@ -5,7 +5,8 @@ three families of quality labels, and a downstream fine-tune that decides.
     python benchmarks/real_quality.py --quick        # <= 20 min on 2 CPU cores: 1 proxy seed, small pool
     python benchmarks/real_quality.py                # the full run (about 2 h on 2 cores): docs/real_quality.md
 
-Data (``../shared/data/``, needed here only): rows of the uncleaned early Alpaca release
+Data (``../shared/data/`` beside the checkout, or ``$HF_GRADFILTER_DATA``; needed here only): rows of
+the uncleaned early Alpaca release
 (``stanford_alpaca_5000.json``, text-davinci-003 outputs with their natural faults) and of Cherry
 Alpaca (``alpaca_cherry_5pct.json``), half each, at most ``--max_row_tokens`` tokens. The pool holds:
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import random
 import re
@@ -49,7 +51,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-SHARED = HERE.parent.parent / "shared" / "data"
+SHARED = Path(os.environ.get("HF_GRADFILTER_DATA", HERE.parent.parent / "shared" / "data"))
 WEAK_FILE = HERE / "data" / "smollm2_weak_answers.jsonl"
 
 from smollm2 import ensure_smollm2  # noqa: E402
@@ -200,6 +202,9 @@ def generate_weak(model_dir: str, candidates: list[dict], n: int, max_new_tokens
 def build_pool(candidates: list[dict], *, n_clean: int, n_weak: int, per_damage: int, n_dup: int,
                seed: int = 0) -> list[dict]:
     """The scored pool: clean rows, weak twins (a), damaged rows (b), duplicate copies (c), shuffled."""
+    if n_clean < n_weak:
+        raise SystemExit(f"--clean {n_clean} must be at least --weak {n_weak} (the weak answers' twins are clean "
+                         "rows).")
     rng = random.Random(seed)
     weak = load_weak(n_weak)
     weak_keys = {w["key"] for w in weak}
@@ -220,10 +225,14 @@ def build_pool(candidates: list[dict], *, n_clean: int, n_weak: int, per_damage:
     by_key = {_key(r): r for r in head}
     pool += [base({**by_key[w["key"]], "output": w["output"]}, family="weak", kind=w["mode"], is_bad=True)
              for w in weak]
+    spares = iter(donors[per_damage:])
     for i, r in enumerate(to_damage):
         kind = list(DAMAGE)[i % len(DAMAGE)]
-        pool.append(base({**r, "output": damage(r, kind, donors[i // len(DAMAGE)], rng)}, family="damage",
-                         kind=kind, is_bad=True, pair=""))
+        out = damage(r, kind, donors[i // len(DAMAGE)], rng)
+        while out == r["output"]:  # e.g. mojibake of an answer with no space or quote: take another row
+            r = next(spares)
+            out = damage(r, kind, donors[i // len(DAMAGE)], rng)
+        pool.append(base({**r, "output": out}, family="damage", kind=kind, is_bad=True, pair=""))
     originals = rng.sample(clean[len(head):], n_dup)
     for i, r in enumerate(originals):
         copy = dict(r) if i % 2 == 0 else near_copy(r)
@@ -488,7 +497,6 @@ def main(argv=None):
         args.eval_rows, args.gen_rows, args.max_new_tokens, args.no_all_rows, args.also = 48, 24, 64, True, []
     out = Path(args.out or HERE.parent / "docs" / ("real_quality_quick" if args.quick else "real_quality"))
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
-    check_cache_settings(work, args)
     from transformers import AutoTokenizer
 
     model_dir = ensure_smollm2()
@@ -500,6 +508,7 @@ def main(argv=None):
         print(f"wrote {WEAK_FILE}")
         return
     pool = build_pool(candidates, n_clean=args.clean, n_weak=args.weak, per_damage=args.per_damage, n_dup=args.dup)
+    check_cache_settings(work, args, pool)
     from datasets import Dataset
 
     pool_ds = Dataset.from_list([{k: r[k] for k in ("instruction", "input", "output")} for r in pool])
@@ -537,6 +546,8 @@ def main(argv=None):
         print(f"[proxy seed {seed}] {r['diag']['seconds']:.0f}s; AUROC damage(b) macro: fit_rank "
               f"{det['fit_rank']['damage (b) macro']:.3f}, gsnr {det['gsnr']['damage (b) macro']:.3f}", flush=True)
 
+    if not runs:
+        raise SystemExit(f"No proxy seed is cached in {work}: run without --report_only first.")
     # choose on family (b), confirm on family (a): the guard against tuning on what decides
     choose = {c: float(np.mean([r["detection"][c]["damage (b) macro"] for r in runs])) for c in CANDIDATES}
     chosen = max(choose, key=choose.get)
@@ -587,9 +598,12 @@ def main(argv=None):
     print(f"wrote {out.with_suffix('.md')} ({time.time() - t_start:.0f}s)")
 
 
-def check_cache_settings(work: Path, args) -> None:
-    """Refuse to resume from a stage cache made with other settings (its results would be mixed in)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "out", "also", "generate_weak", "report_only")}
+def check_cache_settings(work: Path, args, pool: list[dict]) -> None:
+    """Refuse to resume from a stage cache made with other settings or another pool (its results would be mixed
+    in): the arguments and a hash of every pool row (text and labels) must match."""
+    skip = ("work_dir", "out", "also", "generate_weak", "report_only")
+    settings = {k: v for k, v in vars(args).items() if k not in skip}
+    settings["pool_sha1"] = hashlib.sha1(json.dumps(pool, sort_keys=True).encode()).hexdigest()
     path = work / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())

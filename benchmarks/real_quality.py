@@ -448,11 +448,6 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int) ->
 
 # ------------------------------------------------------------------------------------ report ----
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
 def cached(path: Path, fn):
     """``fn()`` once: its JSON result is kept at ``path`` so that a rerun resumes after a crash."""
     if path.exists():

@@ -191,12 +191,12 @@ def test_stack_members_refuses_members_of_different_ranks(tokenizer):
 
 
 def test_base_model_dropout_is_warned_about(tokenizer):
-    from hf_gradfilter.proxy.stacked import _warn_base_dropout
+    from hf_gradfilter.proxy.stacked import warn_base_dropout
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_base_dropout(tiny_gpt2(tokenizer, n_embd=32, n_head=2))  # the tiny models have no dropout
+        warn_base_dropout(tiny_gpt2(tokenizer, n_embd=32, n_head=2))  # the tiny models have no dropout
     model = tiny_gpt2(tokenizer, n_embd=32, n_head=2)
     model.config.resid_pdrop = 0.1
     with pytest.warns(UserWarning, match="resid_pdrop"):
-        _warn_base_dropout(model)
+        warn_base_dropout(model)

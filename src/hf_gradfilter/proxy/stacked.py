@@ -38,7 +38,7 @@ _DROPOUT_FIELDS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout
                    "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
 
 
-def _warn_base_dropout(model) -> None:
+def warn_base_dropout(model) -> None:
     """Warn when the base model drops out in training: stacked and per-member runs then draw other masks."""
     config = getattr(model, "config", None)
     active = {f: getattr(config, f) for f in _DROPOUT_FIELDS
@@ -47,7 +47,7 @@ def _warn_base_dropout(model) -> None:
         warnings.warn(f"stack_members with the base model's dropout on ({active or 'nn.Dropout modules'}): the "
                       "record and weights differ from the per-member path by the dropout draws. Set the model's "
                       "dropout to 0 (e.g. resid_pdrop=embd_pdrop=attn_pdrop=0 for GPT-2) for the same results.",
-                      stacklevel=3)
+                      stacklevel=2)
 
 
 def stacked_layers(model: nn.Module, names: list[str], recorder=None) -> list[tuple[nn.Module, tuple[int, int]]]:
@@ -57,7 +57,6 @@ def stacked_layers(model: nn.Module, names: list[str], recorder=None) -> list[tu
     Raises ValueError for what the stacked forward does not cover: a layer with only some members,
     members of different shapes, LoRA dropout, bias or variants (DoRA, ...).
     """
-    _warn_base_dropout(model)
     layers = []
     for path, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)

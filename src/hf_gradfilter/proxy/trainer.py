@@ -68,7 +68,7 @@ from .rows import select_positions, survey_rows
 from .sampler import EpochLoader, MemberCollator, MemberRows, MemberSampler
 from .sketch import member_sketcher
 from .snapshot import SnapshotCallback, length_order, record_snapshot, snapshot_batches
-from .stacked import record_snapshot_stacked, stacked_training_step
+from .stacked import record_snapshot_stacked, stacked_training_step, warn_base_dropout
 
 logger = logging.get_logger(__name__)
 
@@ -147,6 +147,8 @@ class GradFilterTrainer(Trainer):
             **kwargs,
         )
         self.recorder = LoraNormRecorder(self.model, self.member_names, directions=args.record_directions)
+        if args.stack_members:
+            warn_base_dropout(self.model)  # once, not in every stacked step
         self._direction_epoch = None  # the epoch the references belong to
         self.recorder.sketcher = member_sketcher(self.recorder, args)  # None unless sketch_dim (`sketch`)
         sketched = self.recorder.sketcher and args.sketch_epochs  # 1-based epochs, in the record's slot order

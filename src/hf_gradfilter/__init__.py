@@ -22,10 +22,12 @@ from .scores.baselines import (
     RecordScorer,
     superfiltering_select,
 )
+from .scores.alignment import target_alignment
 from .scores.duplicates import near_duplicate_ids, near_duplicates
 from .scores.scorer import GSNRScorer, score_dataset
 from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
 from .scores.sweep import sweep_record
+from .selection.diversity import sketch_clusters
 from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
 from .target import judge
 from .target.finetune import finetune, sft_config
@@ -64,7 +66,9 @@ __all__ = [
     "score_dataset",
     "score_parts",
     "select_top",
+    "sketch_clusters",
     "sweep_record",
+    "target_alignment",
     "sq_norms",
     "tokenize_dataset",
     "top_indices",

@@ -219,3 +219,19 @@ def read_record_metadata(path: str) -> dict:
     """The metadata of the record at ``path`` (a directory or a ``.safetensors`` file), without its arrays."""
     with safe_open(_record_file(path), framework="numpy") as f:
         return json.loads((f.metadata() or {}).get("hf_gradfilter", "{}"))
+
+
+def record_rows(record: GradientRecord, scored) -> np.ndarray:
+    """``(len(scored),)`` int64: for each row of ``scored`` (the rows ``record`` was made from, matched by their
+    ``example_id`` column, or by position without one), its row in ``record``."""
+    from ..data.columns import read_int_columns
+
+    ids = np.asarray(record.example_id)
+    lookup = np.full(int(np.max(ids, initial=-1)) + 1, -1, dtype=np.int64)
+    lookup[ids] = np.arange(len(ids))
+    rows = (read_int_columns(scored, ["example_id"])["example_id"] if "example_id" in scored.column_names
+            else np.arange(len(scored)))
+    if len(rows) and (rows.max() >= len(lookup) or (lookup[rows] < 0).any()):
+        raise ValueError(f"The scored rows do not match the record ({len(ids)} rows): some example_id is not in "
+                         "it. Give the scored data and the proxy folder of the same `score` run.")
+    return lookup[rows]

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.columns import read_columns, read_int_columns
+from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
+from ..proxy.record import record_rows
 from ..proxy.trainer import GradFilterTrainer
 from .baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from .checks import failure_signatures
@@ -111,11 +112,7 @@ def add_nearest_columns(scored, record):
     is most like the row's; -1: none) and ``sketch_nearest_cos`` (their cosine; NaN: none), from
     `duplicates.nearest_earlier_ids`. ``select --drop_near_duplicates COS`` drops rows whose cosine >= COS."""
     ids, cos = nearest_earlier_ids(record)
-    lookup = np.full(int(np.max(record.example_id, initial=-1)) + 1, -1, dtype=np.int64)
-    lookup[np.asarray(record.example_id)] = np.arange(len(ids))
-    rows = (read_int_columns(scored, ["example_id"])["example_id"] if "example_id" in scored.column_names
-            else np.arange(len(scored)))
-    at = lookup[rows]
+    at = record_rows(record, scored)
     scored = scored.add_column("sketch_nearest_id", ids[at].tolist())
     return scored.add_column("sketch_nearest_cos", cos[at].astype(np.float64).tolist())
 

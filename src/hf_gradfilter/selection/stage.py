@@ -65,9 +65,9 @@ class SelectArguments:
     """Which rows to keep."""
 
     scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
-    score_column: str = field(default=DEFAULT_SCORE, metadata={
+    score_column: str | None = field(default=None, metadata={
         "help": "Column to rank by, higher kept: fit_rank (default: low late gradient energy and low late proxy "
-                "loss, by rank; docs/remedies.md), gsnr (the paper's formula), gsnr_dir, rel_drop, raw_drop, "
+                "loss, by rank; docs/remedies.md; with --target_dataset: target_alignment), gsnr (the paper's formula), gsnr_dir, rel_drop, raw_drop, "
                 "var_drop, neg_grad_late, neg_var_late, neg_loss_late, or a baseline added with --extra_scores "
                 "(ifd uses Superfiltering's rule), or any numeric column."})
     ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})
@@ -91,6 +91,46 @@ class SelectArguments:
         "help": "Never select rows whose gradient sketch has cosine >= this (e.g. 0.98) with an earlier row's (the "
                 "column sketch_nearest_cos, written by `score --sketch_dim 1024`); --ratio and quotas still count "
                 "every row, so the subset keeps its size."})
+    target_dataset: str | None = field(default=None, metadata={
+        "help": "Rows of the task you care about (a few dozen to a few hundred; a file, saved dataset or Hub id, any "
+                "supported format): adds the column target_alignment, each row's mean cosine with the target rows' "
+                "gradient sketches (LESS's rule; needs `score --sketch_dim`), and ranks by it unless --score_column "
+                "says otherwise."})
+    target_split: str = field(default="train", metadata={"help": "Split of --target_dataset (a Hub id)."})
+    diversity_clusters: int | None = field(default=None, metadata={
+        "help": "Cluster the rows' gradient sketches into this many k-means clusters (column sketch_cluster) and keep "
+                "the top --ratio of every cluster (the per_group rule), so no gradient direction is left out; needs "
+                "`score --sketch_dim`."})
+    proxy_dir: str | None = field(default=None, metadata={
+        "help": "The `score` run's output_dir, holding the record and members (default: the folder of --scored)."})
+    proxy_model: str | None = field(default=None, metadata={
+        "help": "The proxy's base model for --target_dataset (default: the one the score run recorded)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the k-means clustering (--diversity_clusters)."})
+
+
+def sketch_options(scored, scored_path: str, *, target_dataset=None, target_split: str = "train",
+                   diversity_clusters: int | None = None, proxy_dir: str | None = None, proxy_model: str | None = None,
+                   seed: int = 0, group_column: str | None = None):
+    """The columns the sketch options add to ``scored`` (`sketched`): ``target_alignment`` for a
+    ``target_dataset`` (a path or Hub id, or a `datasets.Dataset`), ``sketch_cluster`` for ``diversity_clusters``.
+    Returns ``(scored, stats)``; ``stats["group_column"]`` is ``sketch_cluster`` when clustering."""
+    from .sketched import CLUSTER_COLUMN, add_sketch_clusters, add_target_alignment, proxy_folder
+
+    stats = {}
+    if target_dataset is None and diversity_clusters is None:
+        return scored, stats
+    if diversity_clusters is not None and group_column is not None:
+        raise ValueError(f"--diversity_clusters groups rows by their sketch cluster; it cannot be combined with "
+                         f"--group_column {group_column} (drop one).")
+    folder = proxy_folder(scored_path, proxy_dir)
+    if target_dataset is not None:
+        rows = load_rows(target_dataset, None, target_split) if isinstance(target_dataset, str) else target_dataset
+        scored, stats["target"] = add_target_alignment(scored, folder, rows, proxy_model)
+        stats["target"]["target_dataset"] = target_dataset if isinstance(target_dataset, str) else "(rows)"
+    if diversity_clusters is not None:
+        scored, stats["diversity"] = add_sketch_clusters(scored, folder, diversity_clusters, seed)
+        stats["group_column"] = CLUSTER_COLUMN
+    return scored, stats
 
 
 def parse_quotas(items: list[str]) -> dict[str, int | float]:
@@ -119,7 +159,18 @@ def select(args: SelectArguments):
         args.ratio = 0.1
     if args.ratio is not None and args.top_k is not None:
         raise ValueError("Pass either --ratio or --top_k, not both.")
+    if args.score_column is None:
+        args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
+    if args.diversity_clusters is not None:
+        if args.group_mode == "quota":
+            raise ValueError("--diversity_clusters keeps the top --ratio of every cluster; it takes no quotas.")
     scored = load_rows(args.scored)
+    scored, sketch_stats = sketch_options(
+        scored, args.scored, target_dataset=args.target_dataset, target_split=args.target_split,
+        diversity_clusters=args.diversity_clusters, proxy_dir=args.proxy_dir, proxy_model=args.proxy_model,
+        seed=args.seed, group_column=args.group_column)
+    if args.diversity_clusters is not None:
+        args.group_column, args.group_mode = sketch_stats["group_column"], "per_group"
     dropped = 0
     if args.drop_near_duplicates is not None:
         scored, dropped = drop_near_duplicates(scored, args.drop_near_duplicates, args.score_column)
@@ -133,6 +184,7 @@ def select(args: SelectArguments):
     if args.drop_near_duplicates is not None:
         tag += f"_nodup{args.drop_near_duplicates:g}"
         stats["num_near_duplicates_dropped"] = dropped
+    stats.update({k: v for k, v in sketch_stats.items() if k != "group_column"})
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)),
                                          f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
@@ -141,6 +193,10 @@ def select(args: SelectArguments):
     if args.drop_near_duplicates is not None:
         print(f"Dropped {dropped} near-duplicate rows first (gradient-sketch cosine >= {args.drop_near_duplicates:g} "
               "with an earlier row; never selected, still counted in --ratio).")
+    if "target" in stats:
+        t = stats["target"]
+        print(f"Target alignment against {t['target_rows_sketched']} of {t['target_rows']} target rows "
+              f"(mean {t['alignment_mean']:.4f}) -> column target_alignment.")
     if args.group_column is not None:
         print(f"Rows kept per {args.group_column!r} ({args.group_mode}):")
         print(format_group_table(stats["groups"], args.group_column))

@@ -241,8 +241,9 @@ def build_pool(candidates: list[dict], *, n_clean: int, n_weak: int, per_damage:
     return pool
 
 
-def heldout_eval_rows(tokenizer, n: int, max_tokens: int = 160) -> list[dict]:
-    """Self-Instruct's user-oriented instructions with their reference answers (held out from training)."""
+def sinstruct_rows(tokenizer, max_tokens: int = 160) -> list[dict]:
+    """Self-Instruct's user-oriented instructions with a reference answer, at most ``max_tokens`` tokens, in file
+    order."""
     path = SHARED / "eval" / "sinstruct_test_set.jsonl"
     rows = []
     for line in path.read_text().splitlines():
@@ -252,7 +253,12 @@ def heldout_eval_rows(tokenizer, n: int, max_tokens: int = 160) -> list[dict]:
              "output": (inst.get("output") or "").strip()}
         if r["output"] and len(tokenizer(f"{r['instruction']}\n{r['input']}\n{r['output']}").input_ids) <= max_tokens:
             rows.append(r)
-    return rows[:n]
+    return rows
+
+
+def heldout_eval_rows(tokenizer, n: int, max_tokens: int = 160) -> list[dict]:
+    """The first ``n`` `sinstruct_rows`, with their reference answers: the held-out evaluation (never trained on)."""
+    return sinstruct_rows(tokenizer, max_tokens)[:n]
 
 
 # ------------------------------------------------------------------------------------- scoring ----

@@ -172,16 +172,56 @@ def test_select_by_sketch_clusters_keeps_the_top_of_every_cluster(scored_demo, c
         want += [key(every[int(i)]) for i in rows[np.lexsort((rows, -fit[rows]))][:max(1, round(0.1 * len(rows)))]]
     assert Counter(map(key, kept)) == Counter(want)
     assert len(kept) == sum(max(1, round(0.1 * n)) for n in np.bincount(clusters))
+    # with a group column as well: the top of every (task, cluster) cell, none of them left out
+    assert main(["select", "--scored", str(s / "scored"), "--ratio", "0.1", "--diversity_clusters", "8",
+                 "--group_column", "task", "--group_mode", "per_group", "--output", str(s / "cells")]) == 0
+    kept = load_from_disk(str(s / "cells"))
+    cells = Counter(zip(every["task"], every["sketch_cluster"]))
+    assert Counter(zip(kept["task"], kept["sketch_cluster"])) == {c: max(1, round(0.1 * n)) for c, n in cells.items()}
 
 
 def test_sketch_options_give_clear_errors(scored_demo, tmp_path, capsys):
     from hf_gradfilter.cli import main
 
     s = scored_demo / "s"
-    assert main(["select", "--scored", str(s / "scored"), "--diversity_clusters", "8", "--group_column", "task"]) == 2
-    assert "cannot be combined with --group_column task" in capsys.readouterr().err
+    assert main(["select", "--scored", str(s / "scored"), "--diversity_clusters", "8", "--group_mode", "quota",
+                 "--group_column", "task", "--quota", "add=3"]) == 2
+    assert "takes no quotas" in capsys.readouterr().err
     Dataset.from_dict({"fit_rank": [1.0, 2.0]}).save_to_disk(str(tmp_path / "scored"))
     assert main(["select", "--scored", str(tmp_path / "scored"), "--diversity_clusters", "2"]) == 2
     assert "--proxy_dir" in capsys.readouterr().err
     meta = json.loads((s / "gradfilter_config.json").read_text())
     assert meta["sketch"]["dim"] == 256
+
+
+def test_run_selects_for_a_target_by_clusters_without_near_duplicates_and_reports_and_publishes_it(
+        scored_demo, tmp_path, monkeypatch, capsys):
+    from test_run import TINY_RUN
+
+    from hf_gradfilter import hub
+    from hf_gradfilter.cli import main
+
+    monkeypatch.setenv("HF_GRADFILTER_CACHE", str(tmp_path / "cache"))
+    pushed = {}
+    monkeypatch.setattr(hub, "push_dataset_repo", lambda repo, scored, selected, settings, **kw: pushed.update(
+        scored=scored, selected=selected, settings=settings) or "https://hf.co/d/commit/1")
+    out = tmp_path / "run"
+    flags = [f"--{k}={v}" if not isinstance(v, list) else f"--{k}={v[0]}" for k, v in TINY_RUN.items()]
+    assert main(["run", *flags, "--output_dir", str(out), "--skip_finetune", "true", "--sketch_dim", "256",
+                 "--record_mode", "snapshot", "--target_dataset", str(scored_demo / "target.jsonl"),
+                 "--diversity_clusters", "4", "--drop_near_duplicates", "0.98", "--push_dataset_id", "me/d"]) == 0
+    stats = json.loads((out / "select" / "target_alignment_top25pct" / "stats.json").read_text())
+    assert stats["group_column"] == "sketch_cluster" and stats["diversity"]["num_clusters"] == 4
+    assert stats["target"]["target_rows"] == len((scored_demo / "target.jsonl").read_text().splitlines())
+    assert "num_near_duplicates_dropped" in stats
+    kept = load_from_disk(str(out / "select" / "target_alignment_top25pct" / "data"))
+    assert not (np.asarray(kept["sketch_nearest_cos"], dtype=float) >= 0.98).any()
+    report = (out / "report.md").read_text()
+    assert "ranked by alignment with the gradients of" in report and "k-means clusters" in report
+    # every published split has the sketch columns, the card says how the rows were chosen
+    assert {"target_alignment", "sketch_cluster"} <= set(pushed["scored"].column_names)
+    assert pushed["settings"]["target_dataset"] == str(scored_demo / "target.jsonl")
+    assert pushed["settings"]["diversity_clusters"] == 4
+    # without sketches, a clear error before anything runs
+    assert main(["run", *flags, "--output_dir", str(tmp_path / "r2"), "--diversity_clusters", "4"]) == 2
+    assert "--diversity_clusters needs gradient sketches: add --sketch_dim 1024" in capsys.readouterr().err

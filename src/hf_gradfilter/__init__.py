@@ -13,6 +13,7 @@ from .proxy.norms import LoraNormRecorder, sq_norms
 from .proxy.record import GradientRecord
 from .proxy.trainer import GradFilterTrainer
 from .publish import hub
+from .scores.alignment import target_alignment
 from .scores.baselines import (
     HIGHER_IS_BETTER,
     SCORERS,
@@ -22,7 +23,6 @@ from .scores.baselines import (
     RecordScorer,
     superfiltering_select,
 )
-from .scores.alignment import target_alignment
 from .scores.duplicates import near_duplicate_ids, near_duplicates
 from .scores.scorer import GSNRScorer, score_dataset
 from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts

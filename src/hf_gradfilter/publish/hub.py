@@ -49,6 +49,9 @@ SETTING_LABELS = {
     "learning_rate": "Proxy learning rate", "lora_r": "Proxy LoRA rank", "max_length": "Max length",
     "seed": "Seed", "score_column": "Score column", "ratio": "Selection ratio", "top_k": "Selected rows (k)",
     "eps": "eps", "group_column": "Group column", "group_mode": "Group mode", "quotas": "Quotas",
+    "sketch_dim": "Gradient sketch dim", "target_dataset": "Target dataset (gradient alignment, LESS's rule)",
+    "diversity_clusters": "Sketch clusters (top ratio of each)",
+    "drop_near_duplicates": "Near-duplicates dropped at sketch cosine >=",
 }
 VERSIONED = ["hf-gradfilter", "transformers", "peft", "trl", "datasets", "torch", "huggingface_hub"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -228,7 +231,7 @@ def selection_settings(record, *, score_column: str = DEFAULT_SCORE, ratio: floa
     record = record if isinstance(record, GradientRecord) else GradientRecord.load(str(record))
     config = record.metadata.get("config", {})
     keys = ("num_members", "num_train_epochs", "early_epoch", "late_epoch", "learning_rate", "lora_r",
-            "max_length", "seed")
+            "max_length", "seed", "sketch_dim")
     return {"proxy_model": record.metadata.get("base_model") or None, **{k: config.get(k) for k in keys},
             "record_mode": record.metadata.get("record_mode"), "score_column": score_column, "ratio": ratio, **extra}
 
@@ -273,8 +276,11 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
         if len(split) == 0:
             raise ValueError(f"Selected split {name!r} is empty: nothing to publish; select a larger ratio.")
         if sorted(split.column_names) != sorted(scored.column_names):
+            extra = sorted(set(split.column_names) - set(scored.column_names))
+            hint = (f" The columns {extra} come from `select --target_dataset / --diversity_clusters`: publish with "
+                    "`hf-gradfilter run ... --push_dataset_id`, which adds them to every split." if extra else "")
             raise ValueError(f"Selected split {name!r} has columns {split.column_names}, but scored has "
-                             f"{scored.column_names}; select rows from the scored dataset.")
+                             f"{scored.column_names}; select rows from the scored dataset.{hint}")
     folder = _new_folder(folder)
     (folder / "data").mkdir()
     splits = {"scored": scored, **selected}

@@ -41,7 +41,7 @@ from ..data.io import load_rows
 from ..dist import barrier, is_main_process, main_decides
 from ..scores.scoring import DEFAULT_SCORE
 from ..scores.stage import ScoreArguments, score
-from ..selection.stage import select_rows
+from ..selection.stage import drop_near_duplicates, select_rows, sketch_options
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
@@ -57,9 +57,9 @@ class RunArguments(ScoreArguments):
     convention), next to every ``GradFilterConfig`` field (the proxy's training).
     """
 
-    score_column: str = field(default=DEFAULT_SCORE, metadata={
-        "help": "Column to select by, higher kept: fit_rank (default), gsnr (the paper), ... (see `hf-gradfilter "
-                "select --help`; ifd uses Superfiltering's rule)."})
+    score_column: str | None = field(default=None, metadata={
+        "help": "Column to select by, higher kept: fit_rank (default; with --target_dataset: target_alignment), gsnr "
+                "(the paper), ... (see `hf-gradfilter select --help`; ifd uses Superfiltering's rule)."})
     ratio: list[float] = field(default_factory=lambda: [0.1], metadata={
         "help": "Fractions to keep, e.g. --ratio 0.05 0.10 0.15 (one scoring run, one target per ratio)."})
     group_column: str | None = field(default=None, metadata={
@@ -67,6 +67,15 @@ class RunArguments(ScoreArguments):
                 "of every group is kept (round(ratio * n_g), at least 1) instead of the top --ratio overall."})
     group_mode: str = field(default="global", metadata={"help": "global or per_group (see `select --help`).",
                                                         "choices": ["global", "per_group"]})
+    target_dataset: str | None = field(default=None, metadata={
+        "help": "Rows of the task you care about: select by their gradient alignment (column target_alignment; needs "
+                "--sketch_dim, see `select --help`)."})
+    target_split: str = field(default="train", metadata={"help": "Split of --target_dataset (a Hub id)."})
+    diversity_clusters: int | None = field(default=None, metadata={
+        "help": "Keep the top --ratio of every k-means cluster of the rows' gradient sketches (needs --sketch_dim)."})
+    drop_near_duplicates: float | None = field(default=None, metadata={
+        "help": "Never select rows whose gradient sketch has cosine >= this with an earlier row's (needs "
+                "--sketch_dim)."})
     baseline_random: bool = field(default=False, metadata={
         "help": "Also fine-tune the target on a random subset of the same size (seeded; with --group_mode "
                 "per_group, as many rows of each group as the selection kept), for comparison."})
@@ -214,6 +223,15 @@ def dataset_identity(args: RunArguments) -> dict:
     return {"dataset": name, "config": args.dataset_config, "split": args.dataset_split}
 
 
+def dataset_identity_of(name: str | None, split: str = "train") -> dict | None:
+    """What identifies a dataset given by name (the target rows): a local file's content hash, else the name."""
+    if name is None:
+        return None
+    if os.path.isfile(name):
+        return {"file_sha256": _file_sha256(name)}
+    return {"dataset": name, "split": split}
+
+
 def proxy_inputs(config) -> dict:
     """The proxy's training settings that decide the record (no logging/saving/output fields)."""
     return {k: v for k, v in config.to_dict().items() if not k.startswith(_NOT_INPUTS)}
@@ -238,6 +256,11 @@ def run(args: RunArguments, config) -> dict:
         raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
     if args.demo and args.target_model == RunArguments.target_model:
         args.target_model = "tiny-llama (demo)"
+    if args.score_column is None:
+        args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
+    uses_sketches = [f for f in ("target_dataset", "diversity_clusters", "drop_near_duplicates") if getattr(args, f)]
+    if uses_sketches and not config.sketch_dim:
+        raise ValueError(f"--{uses_sketches[0]} needs gradient sketches: add --sketch_dim 1024.")
     out = os.path.abspath(config.output_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run_args.json"), "w") as f:
@@ -257,6 +280,8 @@ def run(args: RunArguments, config) -> dict:
             stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
                 "group": [args.group_column, args.group_mode],
+                "sketch": [dataset_identity_of(args.target_dataset, args.target_split), args.diversity_clusters,
+                           args.drop_near_duplicates],
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
             _run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
@@ -276,7 +301,7 @@ def run(args: RunArguments, config) -> dict:
             "score": score_stage.fingerprint, "selections": {k: v[1] for k, v in selections.items()},
             "targets": sorted(targets), "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
             "private": args.hub_private})
-        _run_stage(stage, lambda: _push(args, score_stage.folder, selections, targets), statuses)
+        _run_stage(stage, lambda: _push(args, score_stage.folder, selections, targets, config.seed), statuses)
     barrier()
     if not is_main_process():  # under torchrun / accelerate launch: the others helped score and fine-tune
         return statuses
@@ -304,6 +329,13 @@ def _score(args: RunArguments, config, folder: str) -> dict:
     return {"rows": len(trainer.scored), "data_stats": trainer.data_stats}
 
 
+def _sketch_columns(args: RunArguments, scored, scored_path: str, seed: int):
+    """`selection.stage.sketch_options` with the run's flags: ``(scored, stats)``."""
+    return sketch_options(scored, scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
+                          diversity_clusters=args.diversity_clusters, seed=seed,
+                          group_column=args.group_column if args.group_mode == "per_group" else None)
+
+
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
     """Keep the top ``ratio`` by ``column`` (`selection.stage.select_rows`: ``ifd`` follows Superfiltering's rule;
     ``args.group_column``: per group), or for ``random`` as many rows as the ``args.score_column`` selection,
@@ -327,9 +359,16 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
         stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed,
                  "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
+        scored, sketch_stats = _sketch_columns(args, scored, scored_path, seed)
+        group_column, group_mode = ((sketch_stats["group_column"], "per_group") if args.diversity_clusters
+                                    else (args.group_column, args.group_mode))
         with_pos = scored.add_column("_position", np.arange(n))
-        selected, stats = select_rows(with_pos, column, fraction=ratio, group_column=args.group_column,
-                                      group_mode=args.group_mode)
+        if args.drop_near_duplicates is not None:
+            with_pos, sketch_stats["num_near_duplicates_dropped"] = drop_near_duplicates(
+                with_pos, args.drop_near_duplicates, column)
+        selected, stats = select_rows(with_pos, column, fraction=ratio, group_column=group_column,
+                                      group_mode=group_mode)
+        stats.update({**{k: v for k, v in sketch_stats.items() if k != "group_column"}, "group_column": group_column})
         positions = np.sort(read_columns(selected, ["_position"])["_position"])
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)
@@ -340,7 +379,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
     if stats.get("groups"):
         from ..selection.top import format_group_table
 
-        print(format_group_table(stats["groups"], args.group_column))
+        print(format_group_table(stats["groups"], stats.get("group_column") or args.group_column))
     return {"num_selected": stats["num_selected"]}
 
 
@@ -429,17 +468,21 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
     return metrics
 
 
-def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict) -> dict:
+def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict, seed: int) -> dict:
     from ..publish import hub
     from ..publish.push import split_name
 
     urls = {}
     if args.push_dataset_id:
         scored = load_rows(os.path.join(score_folder, "scored"))
+        # the selections' sketch columns for every row, so that all splits share their columns
+        scored, _ = _sketch_columns(args, scored, os.path.join(score_folder, "scored"), seed)
         selected = {split_name(name): load_rows(os.path.join(f, "data"))
                     for name, (f, _) in selections.items() if not name.startswith("random_")}
         ratio = min(float(r) for r in args.ratio)
-        settings = hub.selection_settings(score_folder, score_column=args.score_column, ratio=ratio)
+        sketch = {k: getattr(args, k) for k in ("target_dataset", "diversity_clusters", "drop_near_duplicates")
+                  if getattr(args, k) is not None}
+        settings = hub.selection_settings(score_folder, score_column=args.score_column, ratio=ratio, **sketch)
         info = hub.push_dataset_repo(args.push_dataset_id, scored, selected, settings=settings,
                                      private=args.hub_private, source_dataset=None if args.demo else args.dataset_name)
         urls[args.push_dataset_id] = str(getattr(info, "commit_url", info))

@@ -233,6 +233,26 @@ def _html(blocks, title: str) -> str:
 
 # ---- the report ----------------------------------------------------------------------------------
 
+def sketch_lines(selections: dict) -> list[str]:
+    """A sentence per selection made with gradient sketches (target alignment, clusters, near-duplicates)."""
+    lines = []
+    for name, sel in selections.items():
+        stats, said = sel["stats"], []
+        if "target" in stats:
+            t = stats["target"]
+            said.append(f"ranked by alignment with the gradients of {t.get('target_rows_sketched')} target rows "
+                        f"({t.get('target_dataset')}; mean alignment {_fmt(t.get('alignment_mean'))})")
+        if "diversity" in stats:
+            d = stats["diversity"]
+            said.append(f"the top of each of {d['num_clusters']} k-means clusters of gradient sketches (sizes "
+                        f"{d['smallest_cluster']} to {d['largest_cluster']} rows)")
+        if "num_near_duplicates_dropped" in stats:
+            said.append(f"{stats['num_near_duplicates_dropped']} near-duplicate rows never selected")
+        if said:
+            lines.append(f"{name}: " + "; ".join(said) + ".")
+    return lines
+
+
 def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
     from ..data.columns import read_columns
@@ -279,7 +299,9 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
               else parts["gsnr"])
     cuts = {k.rsplit("_", 1)[-1]: v["stats"].get("threshold") for k, v in sels.items()
             if v["stats"].get("threshold") is not None}
-    columns = {column: values, **{k: parts[k] for k in ("grad_early", "grad_late", "rel_drop", "ens_var_late")}}
+    columns = {k: parts[k] for k in ("grad_early", "grad_late", "rel_drop", "ens_var_late")}
+    if column in scored.column_names or column == "gsnr":  # target_alignment lives in the selections only
+        columns = {column: values, **columns}
     if "cos_late" in scored.column_names:  # direction: cosine with the member's mean gradient (late epoch)
         cos = np.asarray(read_columns(scored, ["cos_late"])["cos_late"], dtype=np.float64)
         if np.isfinite(cos).any():
@@ -310,6 +332,7 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
                    [[k, v["stats"].get("num_selected"), v["stats"].get("num_rows"),
                      _fmt(v["stats"].get("threshold")), v["stats"].get("num_nonfinite_excluded", "")]
                     for k, v in run["selections"].items()]))
+    blocks += [("p", line) for line in sketch_lines(run["selections"])]
     for label in (c for c in LABEL_COLUMNS if c in scored.column_names):
         for name, mask in masks.items():
             blocks += [("p", f"{name}: what the selection kept, by {label!r}."),

@@ -20,6 +20,7 @@ from .diversity import sketch_clusters
 
 TARGET_COLUMN = "target_alignment"
 CLUSTER_COLUMN = "sketch_cluster"
+CELL_COLUMN = "sketch_group_cluster"  # "<group>|<cluster>", when clusters and a group column are both used
 
 
 def proxy_folder(scored_path: str, proxy_dir: str | None = None) -> str:

@@ -67,8 +67,9 @@ class SelectArguments:
     scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
     score_column: str | None = field(default=None, metadata={
         "help": "Column to rank by, higher kept: fit_rank (default: low late gradient energy and low late proxy "
-                "loss, by rank; docs/remedies.md; with --target_dataset: target_alignment), gsnr (the paper's formula), gsnr_dir, rel_drop, raw_drop, "
-                "var_drop, neg_grad_late, neg_var_late, neg_loss_late, or a baseline added with --extra_scores "
+                "loss, by rank; docs/remedies.md; with --target_dataset: target_alignment), gsnr (the paper's "
+                "formula), gsnr_dir, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, neg_loss_late, or a "
+                "baseline added with --extra_scores "
                 "(ifd uses Superfiltering's rule), or any numeric column."})
     ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})
     top_k: int | None = field(default=None, metadata={"help": "Number of rows to keep (instead of --ratio)."})
@@ -99,8 +100,8 @@ class SelectArguments:
     target_split: str = field(default="train", metadata={"help": "Split of --target_dataset (a Hub id)."})
     diversity_clusters: int | None = field(default=None, metadata={
         "help": "Cluster the rows' gradient sketches into this many k-means clusters (column sketch_cluster) and keep "
-                "the top --ratio of every cluster (the per_group rule), so no gradient direction is left out; needs "
-                "`score --sketch_dim`."})
+                "the top --ratio of every cluster (the per_group rule; with --group_mode per_group, of every "
+                "group's part of every cluster), so no gradient direction is left out; needs `score --sketch_dim`."})
     proxy_dir: str | None = field(default=None, metadata={
         "help": "The `score` run's output_dir, holding the record and members (default: the folder of --scored)."})
     proxy_model: str | None = field(default=None, metadata={
@@ -113,15 +114,14 @@ def sketch_options(scored, scored_path: str, *, target_dataset=None, target_spli
                    seed: int = 0, group_column: str | None = None):
     """The columns the sketch options add to ``scored`` (`sketched`): ``target_alignment`` for a
     ``target_dataset`` (a path or Hub id, or a `datasets.Dataset`), ``sketch_cluster`` for ``diversity_clusters``.
-    Returns ``(scored, stats)``; ``stats["group_column"]`` is ``sketch_cluster`` when clustering."""
-    from .sketched import CLUSTER_COLUMN, add_sketch_clusters, add_target_alignment, proxy_folder
+    Returns ``(scored, stats)``; ``stats["group_column"]`` is what to select ``per_group`` by when clustering:
+    ``sketch_cluster``, or with a ``group_column`` too, ``sketch_group_cluster`` (``"<group>|<cluster>"``: the
+    top of every group's share of every cluster)."""
+    from .sketched import CELL_COLUMN, CLUSTER_COLUMN, add_sketch_clusters, add_target_alignment, proxy_folder
 
     stats = {}
     if target_dataset is None and diversity_clusters is None:
         return scored, stats
-    if diversity_clusters is not None and group_column is not None:
-        raise ValueError(f"--diversity_clusters groups rows by their sketch cluster; it cannot be combined with "
-                         f"--group_column {group_column} (drop one).")
     folder = proxy_folder(scored_path, proxy_dir)
     if target_dataset is not None:
         rows = load_rows(target_dataset, None, target_split) if isinstance(target_dataset, str) else target_dataset
@@ -130,6 +130,13 @@ def sketch_options(scored, scored_path: str, *, target_dataset=None, target_spli
     if diversity_clusters is not None:
         scored, stats["diversity"] = add_sketch_clusters(scored, folder, diversity_clusters, seed)
         stats["group_column"] = CLUSTER_COLUMN
+        if group_column is not None:  # both: the top of every (group, cluster) cell
+            if group_column not in scored.column_names:
+                raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
+                                 f"{scored.column_names}).")
+            cells = [f"{g}|{c}" for g, c in zip(scored[group_column], scored[CLUSTER_COLUMN])]
+            scored = scored.add_column(CELL_COLUMN, cells) if CELL_COLUMN not in scored.column_names else scored
+            stats["group_column"] = CELL_COLUMN
     return scored, stats
 
 
@@ -161,14 +168,13 @@ def select(args: SelectArguments):
         raise ValueError("Pass either --ratio or --top_k, not both.")
     if args.score_column is None:
         args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
-    if args.diversity_clusters is not None:
-        if args.group_mode == "quota":
-            raise ValueError("--diversity_clusters keeps the top --ratio of every cluster; it takes no quotas.")
+    if args.diversity_clusters is not None and args.group_mode == "quota":
+        raise ValueError("--diversity_clusters keeps the top --ratio of every cluster; it takes no quotas.")
     scored = load_rows(args.scored)
     scored, sketch_stats = sketch_options(
         scored, args.scored, target_dataset=args.target_dataset, target_split=args.target_split,
         diversity_clusters=args.diversity_clusters, proxy_dir=args.proxy_dir, proxy_model=args.proxy_model,
-        seed=args.seed, group_column=args.group_column)
+        seed=args.seed, group_column=args.group_column if args.group_mode == "per_group" else None)
     if args.diversity_clusters is not None:
         args.group_column, args.group_mode = sketch_stats["group_column"], "per_group"
     dropped = 0

@@ -180,6 +180,18 @@ def test_select_by_sketch_clusters_keeps_the_top_of_every_cluster(scored_demo, c
     assert Counter(zip(kept["task"], kept["sketch_cluster"])) == {c: max(1, round(0.1 * n)) for c, n in cells.items()}
 
 
+def test_a_subset_or_reordered_copy_of_the_scored_rows_is_refused_not_misaligned(scored_demo, capsys):
+    from hf_gradfilter.cli import main
+
+    s = scored_demo / "s"
+    scored = load_from_disk(str(s / "scored"))
+    scored.select(range(100)).save_to_disk(str(s / "subset"))
+    scored.select(list(range(1, len(scored))) + [0]).save_to_disk(str(s / "reordered"))
+    for name, message in (("subset", "no example_id column"), ("reordered", "content hash mismatch")):
+        assert main(["select", "--scored", str(s / name), "--diversity_clusters", "4", "--proxy_dir", str(s)]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_sketch_options_give_clear_errors(scored_demo, tmp_path, capsys):
     from hf_gradfilter.cli import main
 
@@ -220,8 +232,14 @@ def test_run_selects_for_a_target_by_clusters_without_near_duplicates_and_report
     assert "ranked by alignment with the gradients of" in report and "k-means clusters" in report
     # every published split has the sketch columns, the card says how the rows were chosen
     assert {"target_alignment", "sketch_cluster"} <= set(pushed["scored"].column_names)
-    assert pushed["settings"]["target_dataset"] == str(scored_demo / "target.jsonl")
+    assert all(sorted(split.column_names) == sorted(pushed["scored"].column_names)
+               for split in pushed["selected"].values())
+    assert pushed["settings"]["target_dataset"] == "target.jsonl"  # a local file: its name, not where it lives
     assert pushed["settings"]["diversity_clusters"] == 4
-    # without sketches, a clear error before anything runs
+    # without sketches, or without the last epoch's, a clear error before anything runs
     assert main(["run", *flags, "--output_dir", str(tmp_path / "r2"), "--diversity_clusters", "4"]) == 2
     assert "--diversity_clusters needs gradient sketches: add --sketch_dim 1024" in capsys.readouterr().err
+    assert main(["run", *flags, "--output_dir", str(tmp_path / "r3"), "--sketch_dim", "256", "--num_train_epochs", "3",
+                 "--target_dataset", str(scored_demo / "target.jsonl")]) == 2
+    assert "add --sketch_epochs 3" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3" / "score").exists()

@@ -7,7 +7,9 @@ through the same hooks (`norms.LoraNormRecorder` with its `sketch.LoraSketcher`)
 (seed, ``d``, matrices) and the same per-example loss, at fixed weights (eval mode, no optimizer
 step), one forward and one backward per member batch.
 
-The weights are the members' at the end of training, so the scored rows' sketches to compare with are
+The loss is computed in float32 (``mixed_precision=False``), also when the scored rows were recorded
+under ``--bf16`` / ``--fp16`` autocast: the sketches then differ by that rounding. The weights are the
+members' at the end of training, so the scored rows' sketches to compare with are
 the last epoch's: in ``snapshot`` mode both are taken at exactly these weights; in ``train`` mode the
 scored rows' were taken at the step that visited each row, during the last epoch (as LESS compares
 checkpoint gradients, a row's pull is taken where the member was then).
@@ -15,8 +17,10 @@ checkpoint gradients, a row's pull is taken where the member was then).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -33,13 +37,15 @@ def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
     """``(N, M, d)`` float32: each row's gradient sketch for every member of ``trainer`` (a `GradFilterTrainer`
     built with ``sketch_dim``) at its current weights; NaN for rows with no response token.
 
-    ``rows``: raw instruction rows in any supported format (resolved on their own columns, so they may
-    differ from the scored rows' format), tokenized like the scored rows (``max_length`` of the trainer).
+    ``rows``: raw instruction rows in any supported format (``kind="auto"`` with the trainer's column names,
+    resolved on their own columns, so alpaca rows may be scored against a messages target), tokenized like the
+    scored rows (``max_length`` of the trainer).
     """
     recorder, args = trainer.recorder, trainer.args
     if recorder.sketcher is None:
         raise ValueError("The proxy records no sketches (sketch_dim=0): score with --sketch_dim (e.g. 1024).")
-    tokenized, _ = tokenize_dataset(rows, trainer.processing_class, args.instruction_format, args.max_length)
+    fmt = dataclasses.replace(args.instruction_format, kind="auto")
+    tokenized, _ = tokenize_dataset(rows, trainer.processing_class, fmt, args.max_length)
     counts = read_int_columns(tokenized, ["num_response_tokens", "length"])
     usable = np.flatnonzero(counts["num_response_tokens"] > 0)
     usable = usable[np.argsort(-counts["length"][usable], kind="stable")]  # similar lengths share a batch
@@ -106,11 +112,14 @@ def load_proxy(score_dir: str, rows, base_model: str | None = None):
             "max_length", "dataset_format", "instruction_column", "input_column", "output_column", "prompt_column",
             "completion_column", "messages_column", "num_train_epochs", "early_epoch", "late_epoch",
             "per_device_eval_batch_size", "use_cpu", "seed")
-    args = GradFilterConfig(output_dir=tempfile.mkdtemp(prefix="gradfilter_probe_"), report_to="none",
-                            sketch_dim=sketch["dim"], sketch_seed=sketch["seed"], sketch_epochs=sketch["epochs"],
-                            **{k: config[k] for k in keep if k in config})
+    scratch = tempfile.mkdtemp(prefix="gradfilter_probe_")  # the trainer's record files: unnamed, gone with it
+    args = GradFilterConfig(output_dir=scratch, report_to="none", sketch_dim=sketch["dim"], sketch_seed=sketch["seed"],
+                            sketch_epochs=sketch["epochs"], **{k: config[k] for k in keep if k in config})
     tokenizer = AutoTokenizer.from_pretrained(score_dir)
-    trainer = GradFilterTrainer(AutoModelForCausalLM.from_pretrained(base), args=args, train_dataset=rows,
-                                processing_class=tokenizer)
+    try:
+        trainer = GradFilterTrainer(AutoModelForCausalLM.from_pretrained(base), args=args, train_dataset=rows,
+                                    processing_class=tokenizer)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     load_members(trainer.accelerator.unwrap_model(trainer.model), trainer.member_names, score_dir)
     return trainer

@@ -222,16 +222,35 @@ def read_record_metadata(path: str) -> dict:
 
 
 def record_rows(record: GradientRecord, scored) -> np.ndarray:
-    """``(len(scored),)`` int64: for each row of ``scored`` (the rows ``record`` was made from, matched by their
-    ``example_id`` column, or by position without one), its row in ``record``."""
+    """``(len(scored),)`` int64: for each row of ``scored`` (the rows ``record`` was made from), its row in
+    ``record``: matched by the ``example_id`` column, or by position without one. Each row's content hash is
+    compared with the record's (as `GSNRScorer` does), so a subset, a reordered or a changed file is refused
+    instead of getting another row's values."""
     from ..data.columns import read_int_columns
+    from ..data.formatting import InstructionFormat, row_hashes
 
     ids = np.asarray(record.example_id)
     lookup = np.full(int(np.max(ids, initial=-1)) + 1, -1, dtype=np.int64)
     lookup[ids] = np.arange(len(ids))
-    rows = (read_int_columns(scored, ["example_id"])["example_id"] if "example_id" in scored.column_names
-            else np.arange(len(scored)))
+    if "example_id" in scored.column_names:
+        rows = read_int_columns(scored, ["example_id"])["example_id"]
+    elif len(scored) == len(ids):
+        rows = np.arange(len(scored))
+    else:
+        raise ValueError(f"The scored rows ({len(scored)}) are not the {len(ids)} rows of the gradient record and have "
+                         "no example_id column to match them by: give the `scored` data of the same `score` run.")
     if len(rows) and (rows.max() >= len(lookup) or (lookup[rows] < 0).any()):
         raise ValueError(f"The scored rows do not match the record ({len(ids)} rows): some example_id is not in "
                          "it. Give the scored data and the proxy folder of the same `score` run.")
-    return lookup[rows]
+    at = lookup[rows]
+    fmt = InstructionFormat(**record.metadata["format"]) if "format" in record.metadata else None
+    columns = fmt.used_columns(scored.column_names) if fmt is not None else []
+    if columns and all(c in scored.column_names for c in columns):
+        start = 0
+        for batch in scored.select_columns(columns).iter(batch_size=1 << 14):
+            n = len(batch[columns[0]])
+            if (np.asarray(row_hashes(batch, columns)) != np.asarray(record.row_hash)[at[start:start + n]]).any():
+                raise ValueError("The scored rows differ from the rows the gradient record was made from (content "
+                                 "hash mismatch): give the `scored` data and the proxy folder of the same `score` run.")
+            start += n
+    return at

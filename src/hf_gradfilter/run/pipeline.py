@@ -25,6 +25,7 @@ stage files and the report, and the others wait at a barrier before each stage (
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -212,7 +213,11 @@ def dataset_identity(args: RunArguments) -> dict:
     if args.demo:
         return {"demo_rows": args.demo_rows, "demo_pretrain_rows": args.demo_pretrain_rows,
                 "demo_pretrain_epochs": args.demo_pretrain_epochs}
-    name = args.dataset_name
+    return named_dataset_identity(args.dataset_name, args.dataset_config, args.dataset_split)
+
+
+def named_dataset_identity(name: str | None, config: str | None = None, split: str = "train") -> dict:
+    """A local file's content hash, a saved dataset's fingerprint, or the Hub id, config and split."""
     if name and os.path.isfile(name):
         return {"file_sha256": _file_sha256(name)}
     if name and os.path.isdir(name):
@@ -220,16 +225,22 @@ def dataset_identity(args: RunArguments) -> dict:
         if os.path.exists(state):
             with open(state) as f:
                 return {"saved_fingerprint": json.load(f).get("_fingerprint"), "path": os.path.abspath(name)}
-    return {"dataset": name, "config": args.dataset_config, "split": args.dataset_split}
+    return {"dataset": name, "config": config, "split": split}
 
 
-def dataset_identity_of(name: str | None, split: str = "train") -> dict | None:
-    """What identifies a dataset given by name (the target rows): a local file's content hash, else the name."""
-    if name is None:
-        return None
-    if os.path.isfile(name):
-        return {"file_sha256": _file_sha256(name)}
-    return {"dataset": name, "split": split}
+def check_sketch_flags(args: RunArguments, config) -> None:
+    """Refuse, before anything runs, sketch flags that the score stage's settings cannot serve."""
+    from ..selection.diversity import check_clusters
+
+    uses = [f for f in ("target_dataset", "diversity_clusters", "drop_near_duplicates") if getattr(args, f) is not None]
+    if uses and not config.sketch_dim:
+        raise ValueError(f"--{uses[0]} needs gradient sketches: add --sketch_dim 1024.")
+    if args.diversity_clusters is not None:
+        check_clusters(args.diversity_clusters)
+    last = int(config.num_train_epochs)
+    if args.target_dataset is not None and last not in (config.sketch_epochs or [config.late_epoch]):
+        raise ValueError(f"--target_dataset compares the last epoch's sketches (epoch {last}) with the target's at the "
+                         f"final weights: add --sketch_epochs {last}.")
 
 
 def proxy_inputs(config) -> dict:
@@ -258,9 +269,7 @@ def run(args: RunArguments, config) -> dict:
         args.target_model = "tiny-llama (demo)"
     if args.score_column is None:
         args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
-    uses_sketches = [f for f in ("target_dataset", "diversity_clusters", "drop_near_duplicates") if getattr(args, f)]
-    if uses_sketches and not config.sketch_dim:
-        raise ValueError(f"--{uses_sketches[0]} needs gradient sketches: add --sketch_dim 1024.")
+    check_sketch_flags(args, config)
     out = os.path.abspath(config.output_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run_args.json"), "w") as f:
@@ -280,8 +289,8 @@ def run(args: RunArguments, config) -> dict:
             stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
                 "group": [args.group_column, args.group_mode],
-                "sketch": [dataset_identity_of(args.target_dataset, args.target_split), args.diversity_clusters,
-                           args.drop_near_duplicates],
+                "sketch": [args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
+                           args.diversity_clusters, args.drop_near_duplicates],
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
             _run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
@@ -329,11 +338,22 @@ def _score(args: RunArguments, config, folder: str) -> dict:
     return {"rows": len(trainer.scored), "data_stats": trainer.data_stats}
 
 
+_SKETCH_COLUMNS: dict = {}  # (scored_path, flags) -> (scored with the sketch columns, stats), once per process
+
+
 def _sketch_columns(args: RunArguments, scored, scored_path: str, seed: int):
-    """`selection.stage.sketch_options` with the run's flags: ``(scored, stats)``."""
-    return sketch_options(scored, scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
-                          diversity_clusters=args.diversity_clusters, seed=seed,
-                          group_column=args.group_column if args.group_mode == "per_group" else None)
+    """`selection.stage.sketch_options` with the run's flags: ``(scored, stats)``, computed once per scored set and
+    flags (every ratio's selection and the published splits share the same columns)."""
+    group = args.group_column if args.group_mode == "per_group" else None
+    key = (os.path.abspath(scored_path), args.target_dataset, args.target_split, args.diversity_clusters, seed, group,
+           os.path.getmtime(os.path.join(os.path.dirname(os.path.abspath(scored_path)), "gradient_record.safetensors")))
+    if key not in _SKETCH_COLUMNS:
+        _SKETCH_COLUMNS.clear()  # one at a time: it holds a dataset
+        _SKETCH_COLUMNS[key] = sketch_options(
+            scored, scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
+            diversity_clusters=args.diversity_clusters, seed=seed, group_column=group)
+    scored, stats = _SKETCH_COLUMNS[key]
+    return scored, copy.deepcopy(stats)
 
 
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
@@ -482,6 +502,8 @@ def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict
         ratio = min(float(r) for r in args.ratio)
         sketch = {k: getattr(args, k) for k in ("target_dataset", "diversity_clusters", "drop_near_duplicates")
                   if getattr(args, k) is not None}
+        if args.target_dataset and os.path.exists(args.target_dataset):  # a local path: its name, not where it lives
+            sketch["target_dataset"] = os.path.basename(os.path.normpath(args.target_dataset))
         settings = hub.selection_settings(score_folder, score_column=args.score_column, ratio=ratio, **sketch)
         info = hub.push_dataset_repo(args.push_dataset_id, scored, selected, settings=settings,
                                      private=args.hub_private, source_dataset=None if args.demo else args.dataset_name)

@@ -35,13 +35,18 @@ def unit_member_mean(sketches, block: int = 65536) -> tuple[np.ndarray, np.ndarr
     return out, ok
 
 
+def check_clusters(num_clusters) -> None:
+    """Refuse a cluster count that is not an integer >= 2."""
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)) or num_clusters < 2:
+        raise ValueError(f"num_clusters={num_clusters}: give an integer >= 2 (e.g. 20).")
+
+
 def sketch_clusters(sketches, num_clusters: int, seed: int = 0) -> np.ndarray:
     """``(N,)`` int64 cluster of each row (``0 .. num_clusters - 1``; -1 for rows without a sketch) by k-means
     over the unit member-mean sketches ``(N, M, d)`` or ``(N, d)`` (module docstring), seeded by ``seed``."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)) or num_clusters < 2:
-        raise ValueError(f"num_clusters={num_clusters}: give an integer >= 2 (e.g. 20).")
+    check_clusters(num_clusters)
     unit, ok = unit_member_mean(sketches)
     if ok.sum() < num_clusters:
         raise ValueError(f"num_clusters={num_clusters} is more than the {int(ok.sum())} rows with a gradient sketch; "

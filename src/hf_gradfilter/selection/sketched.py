@@ -39,7 +39,8 @@ def _sketched_record(folder: str) -> GradientRecord:
     return record
 
 
-def _put(dataset, name: str, values):
+def put_column(dataset, name: str, values):
+    """``dataset`` with column ``name`` set to ``values`` (replaced if it is there)."""
     if name in dataset.column_names:
         dataset = dataset.remove_columns(name)
     return dataset.add_column(name, values)
@@ -63,7 +64,7 @@ def add_target_alignment(scored, folder: str, target_rows, proxy_model: str | No
     values = align[record_rows(record, scored)]
     stats = {"target_rows": len(target_rows), "target_rows_sketched": int(np.isfinite(target[:, 0, 0]).sum()),
              "alignment_mean": float(np.nanmean(values))}
-    return _put(scored, TARGET_COLUMN, values.tolist()), stats
+    return put_column(scored, TARGET_COLUMN, values.tolist()), stats
 
 
 def add_sketch_clusters(scored, folder: str, num_clusters: int, seed: int = 0):
@@ -74,4 +75,4 @@ def add_sketch_clusters(scored, folder: str, num_clusters: int, seed: int = 0):
     sizes = np.bincount(labels[labels >= 0], minlength=num_clusters)
     stats = {"num_clusters": num_clusters, "cluster_seed": seed, "smallest_cluster": int(sizes.min()),
              "largest_cluster": int(sizes.max())}
-    return _put(scored, CLUSTER_COLUMN, labels.tolist()), stats
+    return put_column(scored, CLUSTER_COLUMN, labels.tolist()), stats

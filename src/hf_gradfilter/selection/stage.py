@@ -117,11 +117,21 @@ def sketch_options(scored, scored_path: str, *, target_dataset=None, target_spli
     Returns ``(scored, stats)``; ``stats["group_column"]`` is what to select ``per_group`` by when clustering:
     ``sketch_cluster``, or with a ``group_column`` too, ``sketch_group_cluster`` (``"<group>|<cluster>"``: the
     top of every group's share of every cluster)."""
-    from .sketched import CELL_COLUMN, CLUSTER_COLUMN, add_sketch_clusters, add_target_alignment, proxy_folder
+    from .diversity import check_clusters
+    from .sketched import (
+        CELL_COLUMN,
+        CLUSTER_COLUMN,
+        add_sketch_clusters,
+        add_target_alignment,
+        proxy_folder,
+        put_column,
+    )
 
     stats = {}
     if target_dataset is None and diversity_clusters is None:
         return scored, stats
+    if diversity_clusters is not None:
+        check_clusters(diversity_clusters)
     folder = proxy_folder(scored_path, proxy_dir)
     if target_dataset is not None:
         rows = load_rows(target_dataset, None, target_split) if isinstance(target_dataset, str) else target_dataset
@@ -135,7 +145,7 @@ def sketch_options(scored, scored_path: str, *, target_dataset=None, target_spli
                 raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
                                  f"{scored.column_names}).")
             cells = [f"{g}|{c}" for g, c in zip(scored[group_column], scored[CLUSTER_COLUMN])]
-            scored = scored.add_column(CELL_COLUMN, cells) if CELL_COLUMN not in scored.column_names else scored
+            scored = put_column(scored, CELL_COLUMN, cells)
             stats["group_column"] = CELL_COLUMN
     return scored, stats
 

@@ -25,7 +25,6 @@ stage files and the report, and the others wait at a barrier before each stage (
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,8 @@ from ..data.io import load_rows
 from ..dist import barrier, is_main_process, main_decides
 from ..scores.scoring import DEFAULT_SCORE
 from ..scores.stage import ScoreArguments, score
-from ..selection.stage import drop_near_duplicates, select_rows, sketch_options
+from ..selection.stage import drop_near_duplicates, select_rows
+from .sketches import check_sketch_flags, sketch_columns
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
@@ -228,21 +228,6 @@ def named_dataset_identity(name: str | None, config: str | None = None, split: s
     return {"dataset": name, "config": config, "split": split}
 
 
-def check_sketch_flags(args: RunArguments, config) -> None:
-    """Refuse, before anything runs, sketch flags that the score stage's settings cannot serve."""
-    from ..selection.diversity import check_clusters
-
-    uses = [f for f in ("target_dataset", "diversity_clusters", "drop_near_duplicates") if getattr(args, f) is not None]
-    if uses and not config.sketch_dim:
-        raise ValueError(f"--{uses[0]} needs gradient sketches: add --sketch_dim 1024.")
-    if args.diversity_clusters is not None:
-        check_clusters(args.diversity_clusters)
-    last = int(config.num_train_epochs)
-    if args.target_dataset is not None and last not in (config.sketch_epochs or [config.late_epoch]):
-        raise ValueError(f"--target_dataset compares the last epoch's sketches (epoch {last}) with the target's at the "
-                         f"final weights: add --sketch_epochs {last}.")
-
-
 def proxy_inputs(config) -> dict:
     """The proxy's training settings that decide the record (no logging/saving/output fields)."""
     return {k: v for k, v in config.to_dict().items() if not k.startswith(_NOT_INPUTS)}
@@ -338,24 +323,6 @@ def _score(args: RunArguments, config, folder: str) -> dict:
     return {"rows": len(trainer.scored), "data_stats": trainer.data_stats}
 
 
-_SKETCH_COLUMNS: dict = {}  # (scored_path, flags) -> (scored with the sketch columns, stats), once per process
-
-
-def _sketch_columns(args: RunArguments, scored, scored_path: str, seed: int):
-    """`selection.stage.sketch_options` with the run's flags: ``(scored, stats)``, computed once per scored set and
-    flags (every ratio's selection and the published splits share the same columns)."""
-    group = args.group_column if args.group_mode == "per_group" else None
-    key = (os.path.abspath(scored_path), args.target_dataset, args.target_split, args.diversity_clusters, seed, group,
-           os.path.getmtime(os.path.join(os.path.dirname(os.path.abspath(scored_path)), "gradient_record.safetensors")))
-    if key not in _SKETCH_COLUMNS:
-        _SKETCH_COLUMNS.clear()  # one at a time: it holds a dataset
-        _SKETCH_COLUMNS[key] = sketch_options(
-            scored, scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
-            diversity_clusters=args.diversity_clusters, seed=seed, group_column=group)
-    scored, stats = _SKETCH_COLUMNS[key]
-    return scored, copy.deepcopy(stats)
-
-
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
     """Keep the top ``ratio`` by ``column`` (`selection.stage.select_rows`: ``ifd`` follows Superfiltering's rule;
     ``args.group_column``: per group), or for ``random`` as many rows as the ``args.score_column`` selection,
@@ -379,7 +346,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
         stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed,
                  "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
-        scored, sketch_stats = _sketch_columns(args, scored, scored_path, seed)
+        scored, sketch_stats = sketch_columns(args, scored, scored_path, seed)
         group_column, group_mode = ((sketch_stats["group_column"], "per_group") if args.diversity_clusters
                                     else (args.group_column, args.group_mode))
         with_pos = scored.add_column("_position", np.arange(n))
@@ -496,7 +463,7 @@ def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict
     if args.push_dataset_id:
         scored = load_rows(os.path.join(score_folder, "scored"))
         # the selections' sketch columns for every row, so that all splits share their columns
-        scored, _ = _sketch_columns(args, scored, os.path.join(score_folder, "scored"), seed)
+        scored, _ = sketch_columns(args, scored, os.path.join(score_folder, "scored"), seed)
         selected = {split_name(name): load_rows(os.path.join(f, "data"))
                     for name, (f, _) in selections.items() if not name.startswith("random_")}
         ratio = min(float(r) for r in args.ratio)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..data.columns import read_int_columns
 from ..data.formatting import tokenize_dataset
 from .checkpoint import load_members
-from .sampler import pad_batch
+from .sampler import pad_rows
 
 
 def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
@@ -64,10 +64,8 @@ def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
             for start in range(0, len(usable), size):
                 idx = usable[start:start + size]
                 chunk = tokenized[idx.tolist()]
-                feats = [{"input_ids": i, "labels": lab, "example_id": e}
-                         for i, lab, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
-                batch = trainer._prepare_inputs(pad_batch(feats, trainer.pad_token_id))
-                recorder.start(len(feats), args.device)
+                batch = trainer._prepare_inputs(pad_rows(chunk, trainer.pad_token_id))
+                recorder.start(len(idx), args.device)
                 try:
                     losses = trainer._member_forward(model, batch, mixed_precision=False)
                     torch.autograd.grad(losses.sum(), params, allow_unused=True)

@@ -122,6 +122,13 @@ class EpochLoader(DataLoader):
         self.batch_sampler.set_epoch(epoch)
 
 
+def pad_rows(chunk: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`pad_batch` of a column chunk of tokenized rows (``dataset[positions]``: ``input_ids``, ``labels``,
+    ``example_id``)."""
+    return pad_batch([{"input_ids": i, "labels": lab, "example_id": e}
+                      for i, lab, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])], pad_token_id)
+
+
 def pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ``input_ids``/``labels`` of a list of rows into tensors with an attention mask."""
     width = max(len(f["input_ids"]) for f in features)

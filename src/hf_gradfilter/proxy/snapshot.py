@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..data.columns import read_int_columns
-from .sampler import pad_batch
+from .sampler import pad_rows
 
 
 def length_order(dataset) -> np.ndarray:
@@ -61,15 +61,13 @@ def record_snapshot(trainer, epoch: int) -> None:
             mine = np.array_split(global_batch, world)[rank]
             if len(mine):
                 chunk = trainer.train_dataset[mine.tolist()]
-                feats = [{"input_ids": i, "labels": lab, "example_id": e}
-                         for i, lab, e in zip(chunk["input_ids"], chunk["labels"], chunk["example_id"])]
-                batch = trainer._prepare_inputs(pad_batch(feats, trainer.pad_token_id))
-                trainer.recorder.start(len(feats), trainer.args.device, member=name)
+                batch = trainer._prepare_inputs(pad_rows(chunk, trainer.pad_token_id))
+                trainer.recorder.start(len(mine), trainer.args.device, member=name)
                 losses = trainer._member_forward(model, batch)
                 torch.autograd.grad(losses.sum(), params, allow_unused=True)
                 sq = trainer.recorder.stop()
                 trainer._store(batch["example_id"], m, epoch, sq.sqrt(), losses, trainer.recorder.cosines)
-                progress.update(len(feats))
+                progress.update(len(mine))
             if directions:  # every process, its slice empty or not: the all-reduce is collective
                 trainer.recorder.commit(name, trainer._reduce)
     progress.close()

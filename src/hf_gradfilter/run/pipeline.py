@@ -366,7 +366,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
     if stats.get("groups"):
         from ..selection.top import format_group_table
 
-        print(format_group_table(stats["groups"], stats.get("group_column") or args.group_column))
+        print(format_group_table(stats["groups"], stats["group_column"]))
     return {"num_selected": stats["num_selected"]}
 
 

@@ -1,13 +1,13 @@
 """`run`'s gradient-sketch flags (``--target_dataset``, ``--diversity_clusters``, ``--drop_near_duplicates``):
 checked before anything runs, and their columns computed once per run for every ratio and the published
-splits (`selection.stage.sketch_options`)."""
+splits (`selection.sketched.sketch_options`)."""
 
 from __future__ import annotations
 
 import copy
 import os
 
-from ..selection.stage import sketch_options
+from ..selection.sketched import sketch_options
 
 
 def check_sketch_flags(args, config) -> None:
@@ -29,7 +29,7 @@ _CACHE: dict = {}  # (scored_path, flags) -> (scored with the sketch columns, st
 
 
 def sketch_columns(args, scored, scored_path: str, seed: int):
-    """`selection.stage.sketch_options` with the run's flags: ``(scored, stats)``, computed once per scored set and
+    """`selection.sketched.sketch_options` with the run's flags: ``(scored, stats)``, computed once per scored set and
     flags (every ratio's selection and the published splits share the same columns)."""
     if args.target_dataset is None and args.diversity_clusters is None:
         return scored, {}

@@ -4,7 +4,7 @@ alignment with a target dataset (``target_alignment``, `scores.alignment`) and i
 
 Both read the record (``gradient_record.safetensors``, memory-mapped) in the ``score`` run's folder
 (``proxy_dir``: by default the folder holding the ``scored`` data); the target's sketches come from
-that run's members, loaded back (`proxy.probe`).
+that run's members, loaded back (`proxy.probe`). `sketch_options` adds the columns a selection asks for.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import os
 
 import numpy as np
 
+from ..data.io import load_rows
 from ..proxy.record import RECORD_NAME, GradientRecord, record_rows
 from ..scores.alignment import target_alignment
 from ..scores.duplicates import record_sketches
-from .diversity import sketch_clusters
+from .diversity import check_clusters, sketch_clusters
 
 TARGET_COLUMN = "target_alignment"
 CLUSTER_COLUMN = "sketch_cluster"
@@ -76,3 +77,34 @@ def add_sketch_clusters(scored, folder: str, num_clusters: int, seed: int = 0):
     stats = {"num_clusters": num_clusters, "cluster_seed": seed, "smallest_cluster": int(sizes.min()),
              "largest_cluster": int(sizes.max())}
     return put_column(scored, CLUSTER_COLUMN, labels.tolist()), stats
+
+
+def sketch_options(scored, scored_path: str, *, target_dataset=None, target_split: str = "train",
+                   diversity_clusters: int | None = None, proxy_dir: str | None = None, proxy_model: str | None = None,
+                   seed: int = 0, group_column: str | None = None):
+    """The columns the sketch options add to ``scored``: ``target_alignment`` for a
+    ``target_dataset`` (a path or Hub id, or a `datasets.Dataset`), ``sketch_cluster`` for ``diversity_clusters``.
+    Returns ``(scored, stats)``; ``stats["group_column"]`` is what to select ``per_group`` by when clustering:
+    ``sketch_cluster``, or with a ``group_column`` too, ``sketch_group_cluster`` (``"<group>|<cluster>"``: the
+    top of every group's share of every cluster)."""
+    stats = {}
+    if target_dataset is None and diversity_clusters is None:
+        return scored, stats
+    if diversity_clusters is not None:
+        check_clusters(diversity_clusters)
+    folder = proxy_folder(scored_path, proxy_dir)
+    if target_dataset is not None:
+        rows = load_rows(target_dataset, None, target_split) if isinstance(target_dataset, str) else target_dataset
+        scored, stats["target"] = add_target_alignment(scored, folder, rows, proxy_model)
+        stats["target"]["target_dataset"] = target_dataset if isinstance(target_dataset, str) else "(rows)"
+    if diversity_clusters is not None:
+        scored, stats["diversity"] = add_sketch_clusters(scored, folder, diversity_clusters, seed)
+        stats["group_column"] = CLUSTER_COLUMN
+        if group_column is not None:  # both: the top of every (group, cluster) cell
+            if group_column not in scored.column_names:
+                raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
+                                 f"{scored.column_names}).")
+            cells = [f"{g}|{c}" for g, c in zip(scored[group_column], scored[CLUSTER_COLUMN])]
+            scored = put_column(scored, CELL_COLUMN, cells)
+            stats["group_column"] = CELL_COLUMN
+    return scored, stats

@@ -12,6 +12,7 @@ from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
 from ..scores.baselines import superfiltering_select
 from ..scores.scoring import DEFAULT_SCORE
+from .sketched import sketch_options
 from .top import format_group_table, select_top
 
 
@@ -107,47 +108,6 @@ class SelectArguments:
     proxy_model: str | None = field(default=None, metadata={
         "help": "The proxy's base model for --target_dataset (default: the one the score run recorded)."})
     seed: int = field(default=0, metadata={"help": "Seed of the k-means clustering (--diversity_clusters)."})
-
-
-def sketch_options(scored, scored_path: str, *, target_dataset=None, target_split: str = "train",
-                   diversity_clusters: int | None = None, proxy_dir: str | None = None, proxy_model: str | None = None,
-                   seed: int = 0, group_column: str | None = None):
-    """The columns the sketch options add to ``scored`` (`sketched`): ``target_alignment`` for a
-    ``target_dataset`` (a path or Hub id, or a `datasets.Dataset`), ``sketch_cluster`` for ``diversity_clusters``.
-    Returns ``(scored, stats)``; ``stats["group_column"]`` is what to select ``per_group`` by when clustering:
-    ``sketch_cluster``, or with a ``group_column`` too, ``sketch_group_cluster`` (``"<group>|<cluster>"``: the
-    top of every group's share of every cluster)."""
-    from .diversity import check_clusters
-    from .sketched import (
-        CELL_COLUMN,
-        CLUSTER_COLUMN,
-        add_sketch_clusters,
-        add_target_alignment,
-        proxy_folder,
-        put_column,
-    )
-
-    stats = {}
-    if target_dataset is None and diversity_clusters is None:
-        return scored, stats
-    if diversity_clusters is not None:
-        check_clusters(diversity_clusters)
-    folder = proxy_folder(scored_path, proxy_dir)
-    if target_dataset is not None:
-        rows = load_rows(target_dataset, None, target_split) if isinstance(target_dataset, str) else target_dataset
-        scored, stats["target"] = add_target_alignment(scored, folder, rows, proxy_model)
-        stats["target"]["target_dataset"] = target_dataset if isinstance(target_dataset, str) else "(rows)"
-    if diversity_clusters is not None:
-        scored, stats["diversity"] = add_sketch_clusters(scored, folder, diversity_clusters, seed)
-        stats["group_column"] = CLUSTER_COLUMN
-        if group_column is not None:  # both: the top of every (group, cluster) cell
-            if group_column not in scored.column_names:
-                raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
-                                 f"{scored.column_names}).")
-            cells = [f"{g}|{c}" for g, c in zip(scored[group_column], scored[CLUSTER_COLUMN])]
-            scored = put_column(scored, CELL_COLUMN, cells)
-            stats["group_column"] = CELL_COLUMN
-    return scored, stats
 
 
 def parse_quotas(items: list[str]) -> dict[str, int | float]:

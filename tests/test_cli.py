@@ -47,7 +47,9 @@ def test_score_then_select_on_a_jsonl_file(jsonl, proxy_dir, tmp_path, capsys):
     assert len(scored) == 40 and {"fit_rank", "gsnr", "grad_early", "grad_late", "rel_drop",
                                   "ens_var_late"} <= set(scored.column_names)
     assert (out / "member_1" / "adapter_config.json").exists() and (out / "gradient_record.safetensors").exists()
-    assert "mean response loss per member and epoch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean response loss per member and epoch" in printed
+    assert "Learning check: " in printed and "gradient energy fell for" in printed  # always on
     assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.25",
                  "--output", str(tmp_path / "sel.jsonl")]) == 0
     selected = [json.loads(line) for line in open(tmp_path / "sel.jsonl")]
@@ -194,6 +196,12 @@ def test_score_appends_ablations_and_requested_baselines_and_select_uses_superfi
     scored = load_from_disk(str(out / "scored"))
     for column in ("raw_drop", "var_drop", "neg_loss_late", "neg_grad_late", "ifd", "random", "response_length"):
         assert column in scored.column_names, column
+    # the literature's columns are always added; base_loss is the frozen backbone's loss, IFD's conditioned pass
+    from hf_gradfilter.scores.dynamics import DYNAMICS_COLUMNS
+
+    assert set(DYNAMICS_COLUMNS) <= set(scored.column_names)
+    np.testing.assert_allclose(scored["base_loss"], np.log(scored["ppl_conditioned"]), rtol=1e-5)
+    assert np.isfinite(np.asarray(scored["reducible_loss"], dtype=float)).all()
     assert main(["select", "--scored", str(out / "scored"), "--score_column", "ifd", "--ratio", "0.25"]) == 0
     selected = load_from_disk(str(out / "selected_ifd_top25pct"))
     assert all(v < 1 for v in selected["ifd"]) and len(selected) <= 10

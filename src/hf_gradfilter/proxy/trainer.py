@@ -59,6 +59,7 @@ from ..data.columns import read_int_columns
 from ..data.formatting import tokenize_dataset
 from .checkpoint import load_directions, load_members, restore_record, save_directions, saved_rerecord_count
 from .config import GradFilterConfig
+from .learning import learning_check
 from .merge import average_gradients, merge_records
 from .model import build_ensemble, head_splits, member_name, per_example_loss, response_loss
 from .norms import LoraNormRecorder
@@ -87,7 +88,9 @@ class GradFilterTrainer(Trainer):
         processing_class: the tokenizer (a fast one); loaded from ``model`` when it is a string. Not
             needed for pre-tokenized rows (``input_ids`` + ``labels`` columns).
 
-    After `train()`, ``trainer.record`` holds the `GradientRecord`; `save_model()` writes every
+    After `train()`, ``trainer.record`` holds the `GradientRecord` and ``trainer.learning_check`` the
+    `proxy.learning.LearningCheck` (also in ``record.metadata["learning_check"]``; its warnings are logged):
+    how much the proxy learned, and what to change when it did not. `save_model()` writes every
     member as a PEFT adapter (``<output_dir>/member_m``) and the record beside them.
     """
 
@@ -213,6 +216,14 @@ class GradFilterTrainer(Trainer):
             logger.warning(f"{count} member batch(es) overflowed (fp16 loss scale) and were recorded "
                            "again in float32; the loss scaler skips the optimizer step of such a batch.")
         self.gather_record()
+        self.learning_check = check = learning_check(self.record, self.args.early_epoch, self.args.late_epoch,
+                                                     learning_rate=self.args.learning_rate)
+        self.record.metadata["learning_check"] = check.to_dict()
+        if self.is_world_process_zero():
+            for line in check.lines():
+                logger.info(line)
+            for warning in check.warnings:
+                logger.warning(f"Learning check: {warning}")
         return output
 
     def _member_forward(self, model, batch, mixed_precision: bool = True) -> torch.Tensor:

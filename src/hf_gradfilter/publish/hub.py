@@ -28,6 +28,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, Mode
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..data.columns import read_columns
+from ..proxy.learning import summarize
 from ..proxy.record import RECORD_NAME, GradientRecord
 from ..scores.scoring import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
 
@@ -52,6 +53,7 @@ SETTING_LABELS = {
     "sketch_dim": "Gradient sketch dim", "target_dataset": "Target dataset (gradient alignment, LESS's rule)",
     "diversity_clusters": "Sketch clusters (top ratio of each)",
     "drop_near_duplicates": "Near-duplicates dropped at sketch cosine >=",
+    "proxy_learning": "Did the proxy learn? (learning check, docs/method.md)",
 }
 VERSIONED = ["hf-gradfilter", "transformers", "peft", "trl", "datasets", "torch", "huggingface_hub"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -233,7 +235,8 @@ def selection_settings(record, *, score_column: str = DEFAULT_SCORE, ratio: floa
     keys = ("num_members", "num_train_epochs", "early_epoch", "late_epoch", "learning_rate", "lora_r",
             "max_length", "seed", "sketch_dim")
     return {"proxy_model": record.metadata.get("base_model") or None, **{k: config.get(k) for k in keys},
-            "record_mode": record.metadata.get("record_mode"), "score_column": score_column, "ratio": ratio, **extra}
+            "record_mode": record.metadata.get("record_mode"), "score_column": score_column, "ratio": ratio,
+            "proxy_learning": summarize(record.metadata.get("learning_check")), **extra}
 
 
 def _histogram(path: Path, values, cut, xlabel: str) -> str | None:

@@ -5,7 +5,7 @@
 for a run that stopped early: missing stages are left out. One list of blocks is rendered twice,
 to Markdown and to self-contained-enough HTML (images are files next to it).
 
-Sections: settings and stages; warnings (the failure signatures of METHOD.md, each with what to
+Sections: settings and stages; warnings (the failure signatures of docs/method.md, each with what to
 try); score distributions (G-SNR and its parts G_s, G_t, relative drop, V_t, with the selection
 cut); relative drop against late variance, selected rows highlighted; the proxy members' loss
 curves; per-ratio selection tables and, where a column names corrupted rows, sources or tasks,
@@ -256,6 +256,7 @@ def sketch_lines(selections: dict) -> list[str]:
 def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
     from ..data.columns import read_columns
+    from ..proxy.learning import learning_check
     from ..scores.checks import failure_signatures
     from ..scores.scoring import DEFAULT_SCORE, score_parts
 
@@ -282,9 +283,15 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
         return blocks + [("p", "No finished scoring stage yet: nothing else to show.")]
     s, t = int(proxy.get("early_epoch") or 1), int(proxy.get("late_epoch") or 2)
 
+    blocks.append(("h2", "Did the proxy learn?"))
+    check = learning_check(record, s, t)
+    blocks.append(("table", ["mean response loss per epoch", "change s -> t", "rows whose gradient energy fell",
+                             "members' spread (late)", "verdict"],
+                   [[" -> ".join(f"{v:.4f}" for v in check.loss_per_epoch), f"{check.loss_drop:+.1%}",
+                     f"{check.energy_fell:.0%}", f"{check.member_spread:.3f}", check.verdict]]))
     blocks.append(("h2", "Warnings"))
     warnings = failure_signatures(record, s, t)
-    blocks += [("warn", w) for w in warnings] or [("p", "None of the failure signatures of METHOD.md was seen.")]
+    blocks += [("warn", w) for w in warnings] or [("p", "None of the failure signatures of docs/method.md was seen.")]
     stats = run["score_state"].get("data_stats") or {}
     if stats:
         blocks.append(("p", f"Rows: {stats.get('num_rows')}; truncated to max_length: {stats.get('num_truncated')}; "

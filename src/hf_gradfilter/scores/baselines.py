@@ -9,6 +9,9 @@ and the other columns untouched)::
   `superfiltering_select` applies its rule (drop IFD >= 1, keep the highest).
 - `RandomScorer` -> ``random``;  `LengthScorer` -> ``response_length``.
 - `RecordScorer` (from a `GradientRecord`, no model pass) -> `scoring.RECORD_COLUMNS`.
+- `BaseLossScorer` (model pass: the frozen base) -> ``base_loss``.
+- `DynamicsScorer` (from a `GradientRecord` and the ``base_loss`` / ``response_length`` columns) ->
+  `dynamics.DYNAMICS_COLUMNS`, the literature's keep-scores.
 
 `SCORERS` describes every score column; `HIGHER_IS_BETTER` says which ones are keep-scores.
 """
@@ -22,6 +25,7 @@ from ..data.columns import read_columns
 from ..data.formatting import InstructionFormat, _messages, _text, check_tokenizer, render, tokenize_batch
 from ..proxy.model import head_splits, per_example_loss, response_loss
 from ..selection.top import top_indices
+from .dynamics import DYNAMICS_COLUMNS, dynamics_parts
 from .scorer import GSNRScorer
 from .scoring import RECORD_COLUMNS, record_parts, uniform_hash
 
@@ -38,6 +42,16 @@ _SPEC = [
     ("neg_loss_late", "RecordScorer", True, "-L_t: low proxy loss (members' mean at the late epoch)"),
     ("gsnr_dir", "RecordScorer", True, "direction-aware G-SNR = G-SNR * (1 + sign(G-SNR) * C_t)"),
     ("cos_late", "RecordScorer", True, "C_t: members' mean cosine of the late gradient with their mean gradient"),
+    ("ambiguity", "DynamicsScorer", True, "Cartography variability std_{m,e} exp(-L): rows the ensemble is unsure "
+                                          "about across members and epochs"),
+    ("confidence", "DynamicsScorer", True, "Cartography confidence mean_{m,e} exp(-L): easy rows first"),
+    ("mid_loss", "DynamicsScorer", True, "-|r(L_t) - 1/2|: the middle of the proxy-loss range (both tails last)"),
+    ("mid_loss_energy", "DynamicsScorer", True, "(mid(L_t) + mid(G_t)) / 2: the middle of loss and gradient energy"),
+    ("mid_base_loss", "DynamicsScorer", True, "-|r(L_0) - 1/2|: the middle of the frozen base's loss range"),
+    ("reducible_loss", "DynamicsScorer", True, "L_0 - L_t: what the trained ensemble learned beyond the base"),
+    ("least_learned", "DynamicsScorer", True, "-(L_0 - L_s) / L_0: the least-learned rows (learning percentage)"),
+    ("neg_energy_token", "DynamicsScorer", True, "-G_t * T: low late gradient energy, length-normalised"),
+    ("base_loss", "BaseLossScorer", False, "L_0: the frozen base model's response loss, diagnostic"),
     ("ifd", "IFDScorer", True, "Superfiltering IFD = PPL(response | prompt) / PPL(response); "
                                "select with superfiltering_select (drops IFD >= 1)"),
     ("random", "RandomScorer", True, "uniform [0, 1) per (seed, example id): a random subset"),
@@ -170,12 +184,16 @@ class IFDScorer:
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         self._split = None
 
-    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+    def _tokenized(self, batch: dict[str, list], indices: list[int] | None):
         fmt = self.fmt.resolve(list(batch))
         check_tokenizer(self.tokenizer, fmt.kind)
         positions = _positions(batch, indices)
         tok = tokenize_batch(batch, positions, fmt=fmt, tokenizer=self.tokenizer, max_length=self.max_length,
                              used_columns=fmt.used_columns(list(batch)))
+        return fmt, positions, tok
+
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        fmt, positions, tok = self._tokenized(batch, indices)
         if fmt.kind == "tokenized":
             alone = [[lab for lab in labels if lab != -100] for labels in batch["labels"]]
         else:
@@ -220,6 +238,50 @@ class IFDScorer:
             hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
             return response_loss(hidden, model.get_output_embeddings(), labels)
         return per_example_loss(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+
+
+class BaseLossScorer(IFDScorer):
+    """``base_loss``: the frozen base model's mean response loss ``L_0`` (IFD's conditioned pass alone: the row as
+    the proxy sees it, prompt tokens masked; ``log ppl_conditioned``). Pass the proxy's backbone with its members
+    switched off (``with trainer.model.disable_adapter():``) or any small LM; NaN for a row with no target.
+    Read by `DynamicsScorer` (``mid_base_loss``, ``reducible_loss``, ``least_learned``)."""
+
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        _, _, tok = self._tokenized(batch, indices)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return {"base_loss": self._mean_nll(tok["input_ids"], tok["labels"]).tolist()}
+        finally:
+            self.model.train(was_training)
+
+
+class DynamicsScorer(GSNRScorer):
+    """The literature's keep-scores over the record (`dynamics.DYNAMICS_COLUMNS`, formulas there): Cartography's
+    ``ambiguity`` and ``confidence``, the middle of the loss range (``mid_loss``, ``mid_loss_energy``,
+    ``mid_base_loss``), ``reducible_loss``, ``least_learned`` and ``neg_energy_token``.
+
+    Rank-based columns are ranked over *all* rows, so the whole ``base_loss`` and ``response_length`` columns
+    are given up front, in the record's row order (None: their columns are NaN)::
+
+        cols = read_columns(scored, ["base_loss", "response_length"])
+        scored = scored.map(DynamicsScorer(record, cols["base_loss"], cols["response_length"]),
+                            batched=True, with_indices=True)
+
+    Rows are matched and verified as `GSNRScorer` does.
+    """
+
+    def __init__(self, record, base_loss=None, length=None, early_epoch: int | None = None,
+                 late_epoch: int | None = None, verify: bool = True):
+        super().__init__(record, early_epoch, late_epoch, verify=verify)
+        self.dynamics = dynamics_parts(self.record.norms, self.record.losses, self.early_epoch, self.late_epoch,
+                                       base_loss=base_loss, length=length)
+
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        super().__call__(batch, indices)  # matches ids and verifies row hashes
+        rows = self._rows(batch_ids(batch, indices, type(self).__name__))
+        return {name: self.dynamics[name][rows].tolist() for name in DYNAMICS_COLUMNS}
 
 
 def superfiltering_select(dataset, fraction: float, score_column: str = "ifd"):

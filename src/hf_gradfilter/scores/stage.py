@@ -14,7 +14,7 @@ from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
 from ..proxy.record import record_rows
 from ..proxy.trainer import GradFilterTrainer
-from .baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
+from .baselines import BaseLossScorer, DynamicsScorer, IFDScorer, LengthScorer, RandomScorer, RecordScorer
 from .checks import failure_signatures
 from .duplicates import nearest_earlier_ids
 from .scorer import score_dataset
@@ -85,7 +85,10 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
     if trainer.record.sketches is not None:  # scored with --sketch_dim
         scored = add_nearest_columns(scored, trainer.record)
     fmt = trainer.instruction_format
+    scored = add_dynamics_columns(scored, trainer, tokenizer)
     for name in args.extra_scores:
+        if name == "response_length":  # always added by add_dynamics_columns
+            continue
         adapters_off = contextlib.nullcontext()
         if name == "ifd":
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,6 +107,25 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
         with adapters_off:
             scored = scored.map(scorer, batched=True, with_indices=True, desc=name)
     return scored
+
+
+def add_dynamics_columns(scored, trainer, tokenizer):
+    """``response_length`` (the response tokens the proxy trained on), ``base_loss`` (the frozen backbone, members
+    switched off: one forward pass per row) and the literature's keep-scores of `DynamicsScorer`."""
+    fmt, max_length, record = trainer.instruction_format, trainer.args.max_length, trainer.record
+    scored = scored.map(LengthScorer(tokenizer, fmt=fmt, max_length=max_length), batched=True, with_indices=True,
+                        desc="response_length")
+    with trainer.model.disable_adapter():
+        base = BaseLossScorer(trainer.model.get_base_model(), tokenizer, fmt=fmt, max_length=max_length,
+                              batch_size=trainer.args.per_device_eval_batch_size)
+        scored = scored.map(base, batched=True, with_indices=True, desc="base_loss (frozen base)")
+    cols = read_columns(scored, ["base_loss", "response_length"])
+    at = record_rows(record, scored)
+    aligned = {k: np.full(record.num_examples, np.nan) for k in cols}
+    for k, v in cols.items():
+        aligned[k][at] = np.asarray(v, dtype=np.float64)
+    scorer = DynamicsScorer(record, aligned["base_loss"], aligned["response_length"])
+    return scored.map(scorer, batched=True, with_indices=True, desc="Literature scores")
 
 
 def add_nearest_columns(scored, record):
@@ -132,6 +154,8 @@ def print_score_summary(trainer) -> None:
         cos = np.asarray(read_columns(trainer.scored, ["sketch_nearest_cos"])["sketch_nearest_cos"], dtype=float)
         print(f"Near-duplicates (gradient-sketch cosine >= 0.98 with an earlier row): {int((cos >= 0.98).sum())}; "
               "`select --drop_near_duplicates 0.98` drops them.")
+    for line in trainer.learning_check.lines():
+        print(line)
     for warning in failure_signatures(trainer.record, trainer.args.early_epoch, trainer.args.late_epoch):
         print(f"Warning: {warning}")
     out = trainer.args.output_dir

@@ -202,10 +202,197 @@ def cmd_score(args, tokenizer, model_dir, pools, work: Path) -> None:
         overrides = {"learning_rate": args.lr, "num_train_epochs": args.epochs,
                      "early_epoch": args.early or args.epochs - 1, "late_epoch": args.epochs}
         t0 = time.time()
-        rq.cached(work / f"pool{name}_{tag}.json", lambda pool=pool, tag=tag: proxy_record(
+        rq.cached(work / f"pool{name}_{tag}.json", lambda pool=pool, tag=tag, name=name, kw=overrides: proxy_record(
             pool, model_dir, tokenizer, seed=args.seed, members=args.members, max_length=args.max_length,
-            out_dir=str(work / f"proxy_{name}_{tag}"), **overrides))
+            out_dir=str(work / f"proxy_{name}_{tag}"), **kw))
         print(f"pool {name} {tag}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------- report ----
+
+RULE_FAMILIES = {"1": ("weak", "damage"), "2": ("natural", "damage"), "3": ("natural", "damage")}
+AUROC_MIN = 0.55
+CANDIDATES = ("fit_rank", "gsnr", "rel_drop", "raw_drop", "var_drop", "neg_grad_late", "neg_var_late", "neg_loss_late",
+              "cos_late", "gsnr_dir", "ambiguity", "confidence", "mid_loss", "mid_loss_energy", "mid_base_loss",
+              "reducible_loss", "least_learned", "neg_energy_token", "length", "ifd")
+
+
+def keep_scores(run: dict, base: dict) -> dict[str, np.ndarray]:
+    """Every keep-score (higher = kept) of one record, through the library's own functions."""
+    from hf_gradfilter.scores.dynamics import dynamics_parts
+    from hf_gradfilter.scores.scoring import record_parts, score_parts, uniform_hash
+
+    norms, losses, cosines = (np.asarray(run[k], float) for k in ("norms", "losses", "cosines"))
+    s, t = int(run["settings"]["early_epoch"]), int(run["settings"]["late_epoch"])
+    parts = score_parts(norms, s, t)
+    extra = record_parts(norms, losses, s, t, cosines=cosines)
+    length = np.asarray(base["length"], float)
+    dyn = dynamics_parts(norms, losses, s, t, base_loss=np.asarray(base["base_loss"], float), length=length)
+    out = {k: parts[k] for k in ("gsnr", "rel_drop")}
+    out.update({k: extra[k] for k in ("fit_rank", "raw_drop", "var_drop", "neg_grad_late", "neg_var_late",
+                                      "neg_loss_late", "cos_late", "gsnr_dir")})
+    out.update(dyn)
+    out["length"] = length
+    out["ifd"] = rq.ifd_keep(np.asarray(base["ifd"], float))
+    out["random"] = uniform_hash(np.arange(len(length)), seed=0)
+    return out
+
+
+def detection(scores: dict[str, np.ndarray], pool: list[dict]) -> dict:
+    """Per keep-score and family: AUROC (clean above bad; damage: mean over kinds) and clean@10 with its base rate."""
+    from hf_gradfilter.scores.metrics import auroc
+    from hf_gradfilter.selection import top_indices
+
+    family = np.array([r["family"] for r in pool])
+    kind = np.array([r["kind"] for r in pool])
+    pair = np.array([r["pair"] for r in pool])
+    clean = family == "clean"
+    groups = {}
+    if (family == "weak").any():
+        groups["weak"] = (np.isin(pair, list(set(pair[family == "weak"]))) & clean, family == "weak")
+    for fam in ("damage", "natural", "duplicate"):
+        if (family == fam).any():
+            groups[fam] = (clean, family == fam)
+    kinds = {f"{fam}: {k}": (groups[fam][0], (family == fam) & (kind == k))
+             for fam in groups for k in sorted(set(kind[family == fam]))}
+    out = {}
+    for name, sc in scores.items():
+        filled = np.where(np.isfinite(sc), sc, -1e300)
+        row = {}
+        for g, (pos, neg) in {**groups, **kinds}.items():
+            both = pos | neg
+            row[g] = auroc(filled[both], pos[both])
+            idx, _ = top_indices(filled[both], fraction=0.10)
+            row[f"{g} clean@10"] = float(pos[both][idx].mean())
+            row[f"{g} base"] = float(pos[both].mean())
+        if "damage" in groups:
+            row["damage pooled"] = row["damage"]
+            row["damage"] = float(np.mean([row[k] for k in kinds if k.startswith("damage: ")]))
+        idx, _ = top_indices(filled, fraction=0.10)
+        row["pool clean@10"] = float(clean[idx].mean())
+        out[name] = row
+    return out
+
+
+def passes(det: dict, families) -> bool:
+    return all(det[f] >= AUROC_MIN and det[f"{f} clean@10"] > det[f"{f} base"] for f in families)
+
+
+def decide(dets: dict[str, dict]) -> dict:
+    """The rule of docs/default_choice.md over pools 1 and 2 (choose) and 3 (confirm)."""
+    cells = [(p, f) for p in ("1", "2") for f in RULE_FAMILIES[p]]
+    qualify = [c for c in CANDIDATES if all(passes(dets[p][c], RULE_FAMILIES[p]) for p in ("1", "2"))]
+    mean = {c: float(np.mean([dets[p][c][f] for p, f in cells])) for c in CANDIDATES}
+    worst = {c: float(min(dets[p][c][f] for p, f in cells)) for c in CANDIDATES}
+    out = {"qualify": qualify, "mean": mean, "worst": worst}
+    chosen = max(qualify, key=mean.get) if qualify else None
+    out["chosen"] = chosen
+    if "3" in dets:
+        out["confirmed"] = {c: passes(dets["3"][c], RULE_FAMILIES["3"]) for c in CANDIDATES}
+    if chosen and out.get("confirmed", {}).get(chosen):
+        out["default"], out["how"] = chosen, "qualified on pools 1 and 2, best mean, confirmed on pool 3"
+    else:
+        least = max(CANDIDATES, key=worst.get)
+        why = ("no candidate qualified on pools 1 and 2" if not chosen else
+               f"the choice {chosen} was not confirmed on pool 3" if "3" in dets else "pool 3 not yet scored")
+        out["default"], out["how"] = least, f"least harm (best worst-family AUROC over pools 1 and 2): {why}"
+    return out
+
+
+def cmd_report(args, pools, work: Path, out: Path) -> dict:
+    from hf_gradfilter.proxy.learning import learning_check
+    from hf_gradfilter.proxy.record import GradientRecord
+
+    tag = recipe_tag(args)
+    dets, checks, seconds = {}, {}, {}
+    for name in ("1", "2", "3"):
+        path = work / f"pool{name}_{tag}.json"
+        if not path.exists():
+            continue
+        run = json.loads(path.read_text())
+        base = json.loads((work / f"pool{name}_base.json").read_text())
+        dets[name] = detection(keep_scores(run, base), pools[name])
+        n = len(pools[name])
+        rec = GradientRecord(np.asarray(run["norms"], np.float32), np.asarray(run["losses"], np.float32),
+                             np.arange(n), np.arange(n))
+        s, t = int(run["settings"]["early_epoch"]), int(run["settings"]["late_epoch"])
+        checks[name] = learning_check(rec, s, t, learning_rate=float(run["settings"]["learning_rate"])).to_dict()
+        seconds[name] = run["seconds"]
+    if not {"1", "2"} <= set(dets):
+        raise SystemExit(f"pools 1 and 2 must be scored with {tag} first (have: {sorted(dets)}).")
+    decision = decide(dets)
+    result = {"recipe": tag, "decision": decision, "detection": dets, "learning": checks, "proxy_seconds": seconds,
+              "pools": {k: rq._counts(v) for k, v in pools.items()}, "versions": rq.versions()}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+MARKER = "<!-- generated below by benchmarks/default_choice.py report -->"
+LABEL = {"weak": "(a) weak", "damage": "(b) damage", "natural": "(n) natural", "duplicate": "(c) duplicates"}
+
+
+def _f(v) -> str:
+    return "—" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def render(res: dict) -> str:
+    """The generated part of docs/default_choice.md."""
+    from hf_gradfilter.proxy.learning import change
+
+    d, dets = res["decision"], res["detection"]
+    lines = [f"Recipe `{res['recipe']}` (SmolLM2-135M-Instruct proxy). Versions: "
+             + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
+             "## Did the proxy learn? (the learning check, per pool)", "",
+             "| pool | rows | mean response loss per epoch | change | rows whose energy fell | members' spread | "
+             "verdict | proxy minutes |", "|---|---|---|---|---|---|---|---|"]
+    for p, c in res["learning"].items():
+        rows = sum(sum(k.values()) for k in res["pools"][p].values())
+        lines.append(f"| {p} | {rows} | {' -> '.join(f'{v:.3f}' for v in c['loss_per_epoch'])} | "
+                     f"{change(c['loss_drop'])} | {c['energy_fell']:.0%} | {c['member_spread']:.3f} | {c['verdict']} | "
+                     f"{res['proxy_seconds'][p] / 60:.1f} |")
+    cols = [(p, f) for p in ("1", "2", "3") if p in dets for f in RULE_FAMILIES[p]]
+    lines += ["", "## Detection: AUROC of ranking clean rows above each family's bad rows", "",
+              "Pools 1 and 2 choose, pool 3 confirms. `mean`/`worst`: over the four choosing cells. "
+              f"`q`: qualifies (AUROC ≥ {AUROC_MIN} and clean@10 above the pool's share in every choosing cell); "
+              "`c`: passes the same tests on pool 3. Sorted by `mean`.", "",
+              "| keep-score | " + " | ".join(f"pool {p} {LABEL[f]}" for p, f in cols)
+              + " | mean | worst | q | pool 3 c | pool 1 (c) dup |",
+              "|---|" + "---|" * (len(cols) + 5)]
+    names = sorted([*CANDIDATES, "random"], key=lambda c: -d["mean"].get(c, 0.5))
+    def mark(p, f, c):
+        bold = "**" if dets[p][c][f] >= AUROC_MIN else ""
+        return f"{bold}{_f(dets[p][c][f])}{bold}"
+
+    for c in names:
+        conf = d.get("confirmed", {}).get(c)
+        lines.append(f"| `{c}` | " + " | ".join(mark(p, f, c) for p, f in cols)
+                     + f" | {_f(d['mean'].get(c, np.nan))} | {_f(d['worst'].get(c, np.nan))} | "
+                     f"{'yes' if c in d['qualify'] else ''} | {'' if conf is None else ('yes' if conf else 'no')} | "
+                     f"{_f(dets['1'][c].get('duplicate', np.nan))} |")
+    lines += ["", "### Share of clean rows in the top 10% (per family: clean + that family's bad rows)", "",
+              "| keep-score | " + " | ".join(f"pool {p} {LABEL[f]}" for p, f in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    lines.append("| *base rate* | " + " | ".join(f"{dets[p]['random'][f + ' base']:.0%}" for p, f in cols) + " |")
+    for c in names:
+        lines.append(f"| `{c}` | " + " | ".join(f"{dets[p][c][f + ' clean@10']:.0%}" for p, f in cols) + " |")
+    show = list(dict.fromkeys([d["default"], *(d["qualify"][:3]), "fit_rank", "gsnr", "length", "ifd", "random"]))
+    for p in dets:
+        kinds = [k for k in dets[p]["random"] if ": " in k and not k.endswith(("clean@10", "base"))]
+        lines += ["", f"### Pool {p}, AUROC per kind", "",
+                  "| keep-score | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for c in show:
+            lines.append(f"| `{c}` | " + " | ".join(_f(dets[p][c][k]) for k in kinds) + " |")
+    lines += ["", "## Decision", "",
+              f"- Qualified on pools 1 and 2: {', '.join(f'`{c}`' for c in d['qualify']) or 'none'}.",
+              f"- Chosen: {'`' + d['chosen'] + '`' if d['chosen'] else 'none'}.",
+              f"- Default: **`{d['default']}`** ({d['how']})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_md(res: dict, out: Path) -> None:
+    path = out.with_suffix(".md")
+    head = path.read_text().split(MARKER)[0] if path.exists() else "# Choosing the default keep-score\n\n"
+    path.write_text(head + MARKER + "\n\n" + render(res))
 
 
 def main(argv=None):
@@ -222,6 +409,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="proxy epochs (the late epoch is the last)")
     p.add_argument("--early", type=int, default=0, help="early epoch s (default: the one before the last)")
     p.add_argument("--work_dir", default="runs/default_choice")
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "default_choice"), help="<out>.md / <out>.json")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -238,6 +426,12 @@ def main(argv=None):
         return
     if args.command == "score":
         cmd_score(args, tokenizer, model_dir, pools, work)
+        return
+    if args.command == "report":
+        res = cmd_report(args, pools, work, Path(args.out))
+        write_md(res, Path(args.out))
+        d = res["decision"]
+        print(json.dumps({k: d[k] for k in ("qualify", "chosen", "default", "how")}, indent=1))
         return
     raise SystemExit(f"{args.command}: not implemented yet")
 

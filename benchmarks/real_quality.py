@@ -67,16 +67,6 @@ DAMAGE = {
     "prompt_echo": "easier",
     "refusal": "easier",
 }
-REFUSALS = [
-    "I'm sorry, but as an AI language model, I cannot complete this request.",
-    "As an AI language model, I do not have personal opinions or the ability to perform this task.",
-    "I apologize, but I am not able to help with that. Is there anything else I can assist you with?",
-    "As an AI, I cannot provide an answer to this question. Please consult a qualified professional.",
-]
-HTML_FOOTER = ("</p></div>\n<div class=\"share\">Share this: Facebook | Twitter | Pinterest</div>\n"
-               "<footer>&copy; 2023 All rights reserved. | Privacy Policy | Subscribe to our newsletter</footer>")
-
-
 # ---------------------------------------------------------------------------------------- data ----
 
 def _key(row: dict) -> str:
@@ -116,35 +106,18 @@ def candidate_rows(tokenizer, max_row_tokens: int, seed: int = 0) -> list[dict]:
 
 
 def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    from hf_gradfilter.data.canaries import sentences
+
+    return sentences(text)
 
 
 def damage(row: dict, kind: str, donor: dict, rng: random.Random) -> str:
-    """The damaged output of ``row`` (``donor`` gives the off-topic answer)."""
-    out = row["output"]
-    words = out.split()
-    if kind == "truncated":  # cut mid-answer, as a max-token limit of the teacher does
-        keep = max(3, int(len(words) * rng.uniform(0.25, 0.5)))
-        return " ".join(words[:keep]) if len(words) > 3 else " ".join(words[:2])
-    if kind == "off_topic":  # another instruction's answer
-        return donor["output"]
-    if kind == "mojibake":  # UTF-8 read as cp1252 (curly quotes, dashes, no-break spaces)
-        text = out.replace("'", "\u2019").replace('"', "\u201c").replace(" - ", " \u2013 ")
-        text = "".join(c + "\u00a0" if c == " " and rng.random() < 0.25 else c for c in text)
-        text = text.replace("\u00a0 ", "\u00a0")
-        return text.encode("utf-8").decode("cp1252", errors="replace")
-    if kind == "html_residue":  # scraped page markup and boilerplate around the answer
-        body = "</p>\n<p>".join(_sentences(out)) or out
-        return f"<div class=\"post-content\"><p>{body}&nbsp;{HTML_FOOTER}"
-    if kind == "repetition":  # a degenerate generation loop
-        first = (_sentences(out) or [out])[0]
-        first = " ".join(first.split()[:16])
-        return " ".join([first] * 6)
-    if kind == "prompt_echo":  # the answer restates the instruction (and input)
-        return f"{row['instruction']} {row['input']}".strip()
-    if kind == "refusal":  # distilled-assistant boilerplate
-        return rng.choice(REFUSALS)
-    raise ValueError(f"unknown damage kind {kind!r}; choose from {sorted(DAMAGE)}")
+    """The damaged output of ``row`` (``donor`` gives the off-topic answer): the library's canary damage
+    (`hf_gradfilter.data.canaries.damage_text`), so canaries on a user's data are the kinds measured here."""
+    from hf_gradfilter.data.canaries import damage_text
+
+    return damage_text(row["output"], kind, prompt=f"{row['instruction']} {row['input']}", donor=donor["output"],
+                       rng=rng)
 
 
 def near_copy(row: dict) -> dict:

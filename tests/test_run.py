@@ -233,3 +233,18 @@ def test_run_under_torchrun_scores_fine_tunes_and_pushes_and_a_rerun_skips_all(t
     assert (out / "report.html").exists()
     launch(cmd, env)
     assert set(statuses(out).values()) == {"skipped"}
+
+
+def test_report_shows_the_learning_check_and_the_canary_table(tmp_path):
+    from hf_gradfilter.run.report import write_report
+
+    cases = _constructed_cases()
+    _constructed_run(tmp_path, cases["did not fall"][0], cases["rose"][1])  # healthy: loss 2 -> 1
+    table = {"mid_loss": {"all": 0.81, "pairs": 7, "truncated": 0.9}, "fit_rank": {"all": 0.4, "pairs": 7,
+                                                                                  "truncated": 0.3}}
+    (tmp_path / "score" / "canaries.json").write_text(json.dumps({"rows": 7, "share": 0.05, "table": table}))
+    md = open(write_report(str(tmp_path))["md"]).read()
+    learning = md.split("## Did the proxy learn?")[1].split("##")[0]
+    assert "2.0000 -> 1.0000" in learning and "fell 50.0%" in learning and "| learned |" in learning
+    canaries = md.split("## Canaries")[1].split("## Warnings")[0]
+    assert "| mid_loss | 0.81 | 0.90 |" in canaries and "| fit_rank | 0.40 | 0.30 |" in canaries

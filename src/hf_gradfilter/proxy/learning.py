@@ -65,13 +65,14 @@ class LearningCheck:
         """The check as printed by ``hf-gradfilter score`` and shown in the report."""
         losses = " -> ".join(f"{v:.4f}" for v in self.loss_per_epoch)
         return [f"Learning check: {self.verdict}. Mean response loss per epoch {losses} "
-                f"({self.loss_drop:+.1%} from epoch {self.early_epoch} to {self.late_epoch}; at least "
+                f"({change(self.loss_drop)} from epoch {self.early_epoch} to {self.late_epoch}; a fall of at least "
                 f"{LOSS_DROP_MIN:.0%} expected).",
                 f"  gradient energy fell for {self.energy_fell:.0%} of rows; members' spread of the late squared norm "
                 f"{self.member_spread:.3f} (coefficient of variation; below {SPREAD_MIN} = collapsed)."]
 
 
-def learning_check(record, early_epoch: int = 1, late_epoch: int = 2, learning_rate: float | None = None) -> LearningCheck:
+def learning_check(record, early_epoch: int = 1, late_epoch: int = 2,
+                   learning_rate: float | None = None) -> LearningCheck:
     """Measure how much the proxy learned between ``early_epoch`` and ``late_epoch`` (1-based) and say what to do
     when it did not. ``learning_rate`` (the proxy's, when known) goes into the advice."""
     norms = np.asarray(record.norms, dtype=np.float64)
@@ -123,7 +124,14 @@ def summarize(check: dict | None) -> str | None:
     if not check:
         return None
     losses = " -> ".join(f"{v:.3f}" for v in check["loss_per_epoch"])
-    return (f"{check['verdict']}: mean response loss {losses} ({check['loss_drop']:+.1%} from epoch "
+    return (f"{check['verdict']}: mean response loss {losses} ({change(check['loss_drop'])} from epoch "
             f"{check['early_epoch']} to {check['late_epoch']}), gradient energy fell for {check['energy_fell']:.0%} "
             f"of rows, members' spread {check['member_spread']:.3f}"
             + (f"; {len(check['warnings'])} warning(s)" if check.get("warnings") else ""))
+
+
+def change(loss_drop: float) -> str:
+    """``"fell 1.1%"`` / ``"rose 2.8%"`` for a relative drop of the mean loss."""
+    if not np.isfinite(loss_drop):
+        return "no change measured"
+    return f"{'fell' if loss_drop > 0 else 'rose' if loss_drop < 0 else 'did not change:'} {abs(loss_drop):.1%}"

@@ -263,7 +263,8 @@ def run(args: RunArguments, config) -> dict:
 
     score_stage = Stage("score", os.path.join(out, "score"), {
         "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
-        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model})
+        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
+        "canaries": args.canaries})
     _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
 

@@ -256,7 +256,7 @@ def sketch_lines(selections: dict) -> list[str]:
 def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     """The report's content as blocks; plots are written to ``fig_dir`` (paths relative to its parent)."""
     from ..data.columns import read_columns
-    from ..proxy.learning import learning_check
+    from ..proxy.learning import change, learning_check
     from ..scores.checks import failure_signatures
     from ..scores.scoring import DEFAULT_SCORE, score_parts
 
@@ -287,8 +287,19 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     check = learning_check(record, s, t)
     blocks.append(("table", ["mean response loss per epoch", "change s -> t", "rows whose gradient energy fell",
                              "members' spread (late)", "verdict"],
-                   [[" -> ".join(f"{v:.4f}" for v in check.loss_per_epoch), f"{check.loss_drop:+.1%}",
+                   [[" -> ".join(f"{v:.4f}" for v in check.loss_per_epoch), change(check.loss_drop),
                      f"{check.energy_fell:.0%}", f"{check.member_spread:.3f}", check.verdict]]))
+    canaries = _read_json(os.path.join(run["out"], "score", "canaries.json"))
+    if canaries:
+        table = canaries["table"]
+        kinds = [k for k in next(iter(table.values()), {}) if k not in ("all", "pairs")]
+        blocks += [("h2", "Canaries: which score works on this data?"),
+                   ("p", f"{canaries['rows']} damaged copies of this data's own rows ({canaries['share']:.0%}) were "
+                         "trained on and scored with the rest, then left out of every output. Share of (original, "
+                         "copy) pairs where the original scores higher (0.5: the score cannot tell them apart); "
+                         "best first. They only know the damage kinds written in `data/canaries.py`."),
+                   ("table", ["score", "all", *kinds],
+                    [[name, f"{row['all']:.2f}", *(f"{row[k]:.2f}" for k in kinds)] for name, row in table.items()])]
     blocks.append(("h2", "Warnings"))
     warnings = failure_signatures(record, s, t)
     blocks += [("warn", w) for w in warnings] or [("p", "None of the failure signatures of docs/method.md was seen.")]

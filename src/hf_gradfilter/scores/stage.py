@@ -4,17 +4,29 @@ example's gradient norms, and write the members, the record and the scored rows.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from datasets import concatenate_datasets
 
+from ..data.canaries import canary_table, make_canaries
 from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
 from ..proxy.record import record_rows
 from ..proxy.trainer import GradFilterTrainer
-from .baselines import BaseLossScorer, DynamicsScorer, IFDScorer, LengthScorer, RandomScorer, RecordScorer
+from .baselines import (
+    HIGHER_IS_BETTER,
+    BaseLossScorer,
+    DynamicsScorer,
+    IFDScorer,
+    LengthScorer,
+    RandomScorer,
+    RecordScorer,
+)
 from .checks import failure_signatures
 from .duplicates import nearest_earlier_ids
 from .scorer import score_dataset
@@ -41,6 +53,10 @@ class ScoreArguments:
     demo_rows: int = field(default=3000, metadata={"help": "Rows of the demo dataset."})
     demo_pretrain_rows: int = field(default=3000, metadata={"help": "Clean rows that pre-train the demo backbone."})
     demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
+    canaries: float = field(default=0.0, metadata={
+        "help": "Share of rows to copy with damage (e.g. 0.05): the copies are trained on and scored with the rest, "
+                "then left out of every output; <output_dir>/canaries.json says how often each score ranks an "
+                "original above its damaged copy, on your data. Costs that share more proxy compute. 0: off."})
 
 
 def score(args: ScoreArguments, config: GradFilterConfig):
@@ -60,7 +76,12 @@ def score(args: ScoreArguments, config: GradFilterConfig):
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
                                                      trust_remote_code=args.trust_remote_code)
-    trainer = GradFilterTrainer(model, args=config, train_dataset=rows, processing_class=tokenizer)
+    canaries = None
+    if args.canaries:
+        canaries = make_canaries(rows, config.instruction_format.resolve(rows.column_names), args.canaries,
+                                 seed=config.seed)
+    train_rows = rows if canaries is None else concatenate_datasets([rows, canaries[0]])
+    trainer = GradFilterTrainer(model, args=config, train_dataset=train_rows, processing_class=tokenizer)
     resume = config.resume_from_checkpoint
     if resume is None and os.path.isdir(config.output_dir):
         from transformers.trainer_utils import get_last_checkpoint
@@ -69,6 +90,11 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     if resume:
         print(f"Resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
+    if canaries is not None and trainer.is_world_process_zero():  # scored with the rest, then left out of all outputs
+        trainer.canary_table = score_canaries(trainer, train_rows, len(rows), canaries, args, model, tokenizer)
+        trainer.record = trainer.record.take(np.arange(len(rows)))
+        trainer.record.metadata["canaries"] = {"rows": len(canaries[1]), "share": args.canaries, "seed": config.seed,
+                                               "note": "the members were trained on these copies too"}
     trainer.save_model()
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes the outputs
         return trainer
@@ -77,6 +103,37 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     trainer.scored, trainer.scored_path = scored, scored_path
     print_score_summary(trainer)
     return trainer
+
+
+def score_canaries(trainer, train_rows, num_rows: int, canaries, args: ScoreArguments, model, tokenizer) -> dict:
+    """Score the rows and their damaged copies together (rank columns over both), and write
+    ``<output_dir>/canaries/`` (the copies with their scores, ``canary_of`` and ``canary_kind``) and
+    ``<output_dir>/canaries.json`` (`data.canaries.canary_table` for every keep-score). Returns the table."""
+    _, sources, kinds = canaries
+    scored = add_scores(score_dataset(train_rows, trainer.record), trainer, args, model, tokenizer)
+    keep = [c for c in scored.column_names if HIGHER_IS_BETTER.get(c)]
+    cols = read_columns(scored, keep)
+    table = canary_table({c: np.asarray(v, dtype=np.float64)[sources] for c, v in cols.items()},
+                         {c: np.asarray(v, dtype=np.float64)[num_rows:] for c, v in cols.items()}, kinds)
+    out = trainer.args.output_dir
+    copies_scored = scored.select(range(num_rows, len(scored)))
+    copies_scored = copies_scored.add_column("canary_of", sources.tolist()).add_column("canary_kind", list(kinds))
+    save_rows(copies_scored, os.path.join(out, "canaries"))
+    with open(os.path.join(out, "canaries.json"), "w") as f:
+        json.dump({"rows": len(sources), "share": args.canaries, "kinds": dict(Counter(kinds)), "table": table}, f,
+                  indent=1)
+    return table
+
+
+def print_canary_table(table: dict, limit: int = 12) -> None:
+    if not table:
+        return
+    kinds = [k for k in next(iter(table.values())) if k not in ("all", "pairs")]
+    print(f"\nCanaries: share of (original, damaged copy) pairs where the original scores higher "
+          f"({next(iter(table.values()))['pairs']} pairs; 0.5 = cannot tell; best first)")
+    print(f"  {'score':<18} {'all':>5}  " + "  ".join(f"{k[:12]:>12}" for k in kinds))
+    for name, row in list(table.items())[:limit]:
+        print(f"  {name:<18} {row['all']:5.2f}  " + "  ".join(f"{row[k]:12.2f}" for k in kinds))
 
 
 def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
@@ -156,6 +213,7 @@ def print_score_summary(trainer) -> None:
               "`select --drop_near_duplicates 0.98` drops them.")
     for line in trainer.learning_check.lines():
         print(line)
+    print_canary_table(getattr(trainer, "canary_table", {}))
     for warning in failure_signatures(trainer.record, trainer.args.early_epoch, trainer.args.late_epoch):
         print(f"Warning: {warning}")
     out = trainer.args.output_dir

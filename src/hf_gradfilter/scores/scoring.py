@@ -1,6 +1,6 @@
 """G-SNR and its parts: pure functions over the ``(N, M, E)`` norm array (numpy only, no I/O).
 
-Notation (METHOD.md), with ``n[i, m, e]`` example i's gradient norm for member m at epoch e
+Notation (docs/method.md), with ``n[i, m, e]`` example i's gradient norm for member m at epoch e
 (1-based epochs in the arguments; the arrays are 0-based):
 
     G_e(i)   = (1/M) sum_m n[i, m, e]^2                 mean squared norm over members

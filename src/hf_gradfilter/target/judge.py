@@ -1,6 +1,6 @@
 """Pairwise LLM-as-a-judge: answers of two fine-tuned targets, judged in both orders, as wins/ties/losses.
 
-The protocol of the Superfiltering / GradFiltering papers (METHOD.md, "Evaluation in the paper"):
+The protocol of the Superfiltering / GradFiltering papers (docs/method.md, "Evaluation in the paper"):
 
 1. `load_prompts` reads a prompt set (Vicuna, Koala, WizardLM, Self-Instruct, LIMA: five schemas,
    detected by their keys) from a local .jsonl/.json file or a Hub dataset.

@@ -323,6 +323,9 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
     decision = decide(dets)
     result = {"recipe": tag, "decision": decision, "detection": dets, "learning": checks, "proxy_seconds": seconds,
               "pools": {k: rq._counts(v) for k, v in pools.items()}, "versions": rq.versions()}
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    if old.get("downstream"):
+        result["downstream"] = old["downstream"]
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -386,6 +389,8 @@ def render(res: dict) -> str:
               f"- Qualified on pools 1 and 2: {', '.join(f'`{c}`' for c in d['qualify']) or 'none'}.",
               f"- Chosen: {'`' + d['chosen'] + '`' if d['chosen'] else 'none'}.",
               f"- Default: **`{d['default']}`** ({d['how']})."]
+    if res.get("downstream"):
+        lines.append(render_downstream(res["downstream"]))
     return "\n".join(lines) + "\n"
 
 
@@ -393,6 +398,74 @@ def write_md(res: dict, out: Path) -> None:
     path = out.with_suffix(".md")
     head = path.read_text().split(MARKER)[0] if path.exists() else "# Choosing the default keep-score\n\n"
     path.write_text(head + MARKER + "\n\n" + render(res))
+
+
+# --------------------------------------------------------------------------------- downstream ----
+
+def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> dict:
+    """Fine-tune SmolLM2 on the top ``--subset_rows`` rows by each ``--scores`` keep-score (the pool's one proxy
+    record), on ``--random_seeds`` random subsets of that size and on all rows; held-out loss and ROUGE-L."""
+    from hf_gradfilter.selection import top_indices
+
+    name, tag = args.pool, recipe_tag(args)
+    pool = pools[name]
+    run = json.loads((work / f"pool{name}_{tag}.json").read_text())
+    base = json.loads((work / f"pool{name}_base.json").read_text())
+    scores = keep_scores(run, base)
+    k = args.subset_rows
+    plan = {}
+    for c in args.scores:
+        s = np.asarray(scores[c], float)
+        idx, _ = top_indices(np.where(np.isfinite(s), s, -1e300), k=k)
+        plan[c] = [sorted(int(i) for i in idx)]
+    plan["random"] = [sorted(random.Random(seed).sample(range(len(pool)), k)) for seed in args.random_seeds]
+    if not args.no_all_rows:
+        plan["all rows"] = [list(range(len(pool)))]
+    eval_rows = rq.heldout_eval_rows(tokenizer, 64)
+    gen_rows = eval_rows[:32]
+    rows = lambda idx: [{c: pool[i][c] for c in ("instruction", "input", "output")} for i in idx]  # noqa: E731
+    results = {}
+    for label, subsets in plan.items():
+        results[label] = []
+        for j, idx in enumerate(subsets):
+            t = re.sub(r"[^A-Za-z0-9]+", "_", label) + f"_{j}"
+            res = rq.cached(work / f"down{name}_{tag}_{k}_{t}.json", lambda idx=idx, t=t: rq.finetune_and_eval(
+                model_dir, tokenizer, rows(idx), eval_rows, gen_rows, epochs=3, out_dir=str(work / f"target_{t}"),
+                max_new_tokens=64))
+            res["bad_share"] = float(np.mean([pool[i]["is_bad"] for i in idx]))
+            results[label].append(res)
+            print(f"[downstream pool {name} {label} #{j}] rows {len(idx)} bad {res['bad_share']:.0%} "
+                  f"loss {res['eval_loss']:.4f} ROUGE-L {res['rougeL']:.4f} "
+                  f"(len-matched {res.get('rougeL_len', 0):.4f})"
+                  f" {res['seconds']:.0f}s", flush=True)
+    path = out.with_suffix(".json")
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved.setdefault("downstream", {})[f"pool{name}_{k}"] = results
+    path.write_text(json.dumps(saved, indent=1))
+    return results
+
+
+def render_downstream(down: dict) -> str:
+    lines = ["", "## Downstream", "",
+             "SmolLM2-135M-Instruct fine-tuned with `finetune` (TRL SFTTrainer + LoRA r16, 3 epochs, lr 2e-4) on each "
+             "subset; held-out: loss on 64 Self-Instruct user-oriented references, ROUGE-L of greedy answers (at most "
+             "64 new tokens) on 32 of them, raw and length-matched (each answer cut to its reference's word count). "
+             "Mean ± std over subsets (random: 3 seeds; a score: one proxy seed).", ""]
+    for key, results in down.items():
+        lines += [f"### {key.replace('_', ', top ')} rows", "",
+                  "| subset | n | bad rows | held-out loss | ROUGE-L | ROUGE-L (length-matched) | answer words |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, runs in results.items():
+            def ms(field, fmt="{:.4f}", runs=runs):
+                v = [r[field] for r in runs if field in r]
+                if not v:
+                    return "—"
+                return fmt.format(np.mean(v)) + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
+
+            lines.append(f"| {label} | {len(runs)} | {np.mean([r['bad_share'] for r in runs]):.0%} | {ms('eval_loss')} "
+                         f"| {ms('rougeL')} | {ms('rougeL_len')} | {ms('answer_words', '{:.1f}')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -410,6 +483,11 @@ def main(argv=None):
     p.add_argument("--early", type=int, default=0, help="early epoch s (default: the one before the last)")
     p.add_argument("--work_dir", default="runs/default_choice")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "default_choice"), help="<out>.md / <out>.json")
+    p.add_argument("--pool", default="3", choices=["1", "2", "3"], help="downstream: the pool to select from")
+    p.add_argument("--scores", nargs="+", default=["fit_rank"], help="downstream: keep-scores to fine-tune on")
+    p.add_argument("--subset_rows", type=int, default=100)
+    p.add_argument("--random_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--no_all_rows", action="store_true")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -433,7 +511,10 @@ def main(argv=None):
         d = res["decision"]
         print(json.dumps({k: d[k] for k in ("qualify", "chosen", "default", "how")}, indent=1))
         return
-    raise SystemExit(f"{args.command}: not implemented yet")
+    if args.command == "downstream":
+        cmd_downstream(args, tokenizer, model_dir, pools, work, Path(args.out))
+        res = cmd_report(args, pools, work, Path(args.out))
+        write_md(res, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -395,8 +395,13 @@ def finetune_and_eval(model_dir: str, tokenizer, train_rows: list[dict], eval_ro
     train_seconds = time.time() - t0
     eval_loss = float(trainer.evaluate()["eval_loss"])
     answers = generate_answers(model, tokenizer, gen_rows, max_new_tokens)
-    rouge = rouge_metric().compute(predictions=answers, references=[r["output"] for r in gen_rows])
-    return {"eval_loss": eval_loss, "rougeL": float(rouge["rougeL"]), "train_rows": len(train_rows),
+    references = [r["output"] for r in gen_rows]
+    rouge = rouge_metric().compute(predictions=answers, references=references)
+    # length-controlled: each answer cut to its reference's word count, so a longer answer cannot win by length
+    cut = [" ".join(a.split()[:len(ref.split())]) for a, ref in zip(answers, references)]
+    rouge_len = rouge_metric().compute(predictions=cut, references=references)
+    return {"eval_loss": eval_loss, "rougeL": float(rouge["rougeL"]), "rougeL_len": float(rouge_len["rougeL"]),
+            "answer_words": float(np.mean([len(a.split()) for a in answers])), "train_rows": len(train_rows),
             "train_seconds": train_seconds, "seconds": time.time() - t0, "examples": answers[:3]}
 
 

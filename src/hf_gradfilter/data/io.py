@@ -39,6 +39,8 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
                 f"{name!r} is not valid UTF-8 (first bad byte at line {bad[0]}, byte offset {bad[1]}); re-encode it "
                 f"as UTF-8 from its real encoding, e.g. `iconv -f latin1 -t utf-8 {name} > fixed.{ext}`."
             )
+        if ext == "jsonl":
+            check_json_lines(name)
         try:
             return load_dataset(builder, data_files=name, split="train")
         except StopIteration:  # datasets' json reader on a file with no rows
@@ -55,6 +57,27 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
     if os.sep in name and not name.count("/") == 1:
         raise FileNotFoundError(f"No file or folder {name!r}, and it is not a Hub dataset id (namespace/name).")
     return load_dataset(name, config, split=split)
+
+
+def check_json_lines(path: str) -> None:
+    """Refuse a JSON Lines file with a line that is not one JSON object, naming the line and the parse error
+    (``datasets`` reports it as a long pyarrow traceback ending in "An error occurred while generating the
+    dataset"). Blank lines are allowed."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path!r} line {number} is not valid JSON ({err.msg} at column {err.colno}): "
+                                 f"{line.strip()[:80]!r}. Fix or remove that line; a .jsonl file holds one JSON "
+                                 "object per line.") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path!r} line {number} is a JSON {type(value).__name__}, not an object with "
+                                 "one field per column: a .jsonl file holds one JSON object per line.")
 
 
 def save_rows(dataset, path: str) -> str:

@@ -63,6 +63,9 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     """Train the ensemble, record norms, write members + record + the scored dataset. Returns the trainer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.demo and args.dataset_name:
+        raise ValueError(f"Pass either --demo or --dataset_name (got both: --dataset_name {args.dataset_name}); "
+                         "--demo scores the embedded demo dataset instead of your file.")
     if args.demo:
         from ..demo.backbone import demo_proxy
         from ..demo.data import make_demo_dataset

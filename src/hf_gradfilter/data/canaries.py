@@ -9,7 +9,8 @@ the original scores higher (ties count half): a paired AUROC, 0.5 for a score th
 
 The copies are trained on with the other rows (so the proxy sees ``share`` more rows, a cost of ``share`` more
 proxy compute), scored, and then left out of every output (`scores.stage.score` keeps them in
-``<output_dir>/canaries``): selection never sees them.
+``<output_dir>/canaries``): selection never sees them. Their *effect* stays: the members also trained on a
+damaged copy of ``share`` of the rows, which shifts those originals' (and, slightly, every row's) scores.
 """
 
 from __future__ import annotations
@@ -70,15 +71,23 @@ def damage_text(response: str, kind: str, *, prompt: str, donor: str, rng: rando
     raise ValueError(f"unknown damage kind {kind!r}; choose from {', '.join(DAMAGE_KINDS)}.")
 
 
-def _response(row: dict, fmt) -> tuple[str, str]:
-    """(request text, response text) of a row in a resolved format."""
+def _response(row: dict, fmt) -> tuple[str, str] | None:
+    """(request text, response text) of a row in a resolved format; None when it has no non-empty response."""
     if fmt.kind == "alpaca":
-        return f"{row[fmt.instruction_column]} {row.get(fmt.input_column) or ''}", str(row[fmt.output_column])
-    if fmt.kind == "prompt_completion":
-        return str(row[fmt.prompt_column]), str(row[fmt.completion_column])
-    turns = row[fmt.messages_column]
-    last = max(i for i, t in enumerate(turns) if t.get("role") == "assistant")
-    return " ".join(str(t.get("content")) for t in turns[:last] if t.get("role") == "user"), str(turns[last]["content"])
+        request = f"{row[fmt.instruction_column] or ''} {row.get(fmt.input_column) or ''}"
+        response = row[fmt.output_column]
+    elif fmt.kind == "prompt_completion":
+        request, response = row[fmt.prompt_column], row[fmt.completion_column]
+    else:
+        turns = [t for t in (row[fmt.messages_column] or []) if isinstance(t, dict)]
+        last = [i for i, t in enumerate(turns) if t.get("role") == "assistant"]
+        if not last:
+            return None
+        request = " ".join(str(t.get("content") or "") for t in turns[:last[-1]] if t.get("role") == "user")
+        response = turns[last[-1]].get("content")
+    if not isinstance(response, str) or not response.strip():
+        return None
+    return str(request or ""), response
 
 
 def _with_response(row: dict, fmt, text: str) -> dict:
@@ -111,22 +120,27 @@ def make_canaries(rows, fmt, share: float = 0.05, seed: int = 0, kinds=DAMAGE_KI
     bad = [k for k in kinds if k not in DAMAGE_KINDS]
     if bad:
         raise ValueError(f"unknown damage kind(s) {bad}; choose from {', '.join(DAMAGE_KINDS)}.")
-    n = len(rows)
-    count = min(n, max(len(kinds), int(round(share * n))))
+    parts = [_response(r, fmt) for r in rows]
+    usable = [i for i, p in enumerate(parts) if p is not None]  # rows with a non-empty response
+    n = len(usable)
     if n < 2:
-        raise ValueError(f"Canaries need at least 2 rows (got {n}): off_topic takes another row's response.")
+        raise ValueError(f"Canaries need at least 2 rows with a non-empty response (got {n}): off_topic takes "
+                         "another row's response.")
+    count = min(n, max(len(kinds), int(round(share * len(rows)))))
     rng = random.Random(seed)
-    picked = sorted(rng.sample(range(n), count))
+    picked = sorted(rng.sample(usable, count))
     out, sources, made = [], [], []
     for j, i in enumerate(picked):
         kind = kinds[j % len(kinds)]
-        row = rows[i]
-        prompt, response = _response(row, fmt)
-        donor_at = (i + 1 + rng.randrange(n - 1)) % n  # any other row
-        text = damage_text(response, kind, prompt=prompt, donor=_response(rows[donor_at], fmt)[1], rng=rng)
+        prompt, response = parts[i]
+        donor = usable[(usable.index(i) + 1 + rng.randrange(n - 1)) % n]  # any other usable row
+        text = damage_text(response, kind, prompt=prompt, donor=parts[donor][1], rng=rng)
         if text == response:
             continue
-        out.append(_with_response(row, fmt, text))
+        copy = _with_response(rows[i], fmt, text)
+        if "example_id" in copy:  # a copy is a new row: ids after every real row's
+            copy["example_id"] = len(rows) + len(out)
+        out.append(copy)
         sources.append(i)
         made.append(kind)
     if not out:

@@ -39,12 +39,14 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
                 f"{name!r} is not valid UTF-8 (first bad byte at line {bad[0]}, byte offset {bad[1]}); re-encode it "
                 f"as UTF-8 from its real encoding, e.g. `iconv -f latin1 -t utf-8 {name} > fixed.{ext}`."
             )
-        if ext == "jsonl":
-            check_json_lines(name)
         try:
             return load_dataset(builder, data_files=name, split="train")
         except StopIteration:  # datasets' json reader on a file with no rows
             raise ValueError(f"The dataset file {name!r} is empty: there is nothing to score.") from None
+        except Exception:
+            if ext == "jsonl":
+                check_json_lines(name)  # names the bad line; datasets' own error is a long pyarrow traceback
+            raise
     if os.path.isdir(name):
         if any(os.path.exists(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
             data = load_from_disk(name)
@@ -62,11 +64,12 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
 def check_json_lines(path: str) -> None:
     """Refuse a JSON Lines file with a line that is not one JSON object, naming the line and the parse error
     (``datasets`` reports it as a long pyarrow traceback ending in "An error occurred while generating the
-    dataset"). Blank lines are allowed."""
+    dataset"). Blank lines are allowed. Called only after ``datasets`` failed to read the file."""
     import json
 
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             try:

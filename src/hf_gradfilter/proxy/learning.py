@@ -50,6 +50,8 @@ class LearningCheck:
     @property
     def verdict(self) -> str:
         """``"learned"``, ``"barely learned"`` or ``"did not learn"`` (from ``loss_drop`` alone)."""
+        if not np.isfinite(self.loss_per_epoch).any():
+            return "not recorded"
         if not np.isfinite(self.loss_drop) or self.loss_drop <= 0:
             return "did not learn"
         return "learned" if self.loss_drop >= LOSS_DROP_MIN else "barely learned"
@@ -67,7 +69,8 @@ class LearningCheck:
         return [f"Learning check: {self.verdict}. Mean response loss per epoch {losses} "
                 f"({change(self.loss_drop)} from epoch {self.early_epoch} to {self.late_epoch}; a fall of at least "
                 f"{LOSS_DROP_MIN:.0%} expected).",
-                f"  gradient energy fell for {self.energy_fell:.0%} of rows; members' spread of the late squared norm "
+                f"  gradient energy fell for {_share(self.energy_fell)} of rows; members' spread of the late squared "
+                "norm "
                 f"{self.member_spread:.3f} (coefficient of variation; below {SPREAD_MIN} = collapsed)."]
 
 
@@ -75,8 +78,7 @@ def learning_check(record, early_epoch: int = 1, late_epoch: int = 2,
                    learning_rate: float | None = None) -> LearningCheck:
     """Measure how much the proxy learned between ``early_epoch`` and ``late_epoch`` (1-based) and say what to do
     when it did not. ``learning_rate`` (the proxy's, when known) goes into the advice."""
-    norms = np.asarray(record.norms, dtype=np.float64)
-    losses = np.asarray(record.losses, dtype=np.float64)
+    norms, losses = record.norms, record.losses  # (N, M, E); read an epoch at a time (they may be file-backed)
     epochs = norms.shape[2]
     if not 1 <= early_epoch <= late_epoch <= epochs:
         raise ValueError(f"early_epoch={early_epoch}, late_epoch={late_epoch}: need 1 <= s <= t <= {epochs} "
@@ -84,15 +86,19 @@ def learning_check(record, early_epoch: int = 1, late_epoch: int = 2,
     s, t = early_epoch - 1, late_epoch - 1
     with warnings.catch_warnings():  # rows never recorded are NaN: expected
         warnings.simplefilter("ignore", RuntimeWarning)
-        per_epoch = np.nanmean(losses, axis=(0, 1))
-        g_s, g_t = np.mean(norms[:, :, s] ** 2, axis=1), np.mean(norms[:, :, t] ** 2, axis=1)
-        v_t = np.var(norms[:, :, t] ** 2, axis=1)
+        per_epoch = np.array([np.nanmean(np.asarray(losses[:, :, e], dtype=np.float64)) for e in range(epochs)])
+        n_s, n_t = (np.asarray(norms[:, :, e], dtype=np.float64) for e in (s, t))
+        g_s, g_t = np.mean(n_s ** 2, axis=1), np.mean(n_t ** 2, axis=1)
+        v_t = np.var(n_t ** 2, axis=1)
         both = np.isfinite(g_s) & np.isfinite(g_t)
         fell = float(np.mean(g_t[both] < g_s[both])) if both.any() else float("nan")
         spread = float(np.nanmedian(np.sqrt(v_t) / np.maximum(g_t, 1e-30)))
     drop = float((per_epoch[s] - per_epoch[t]) / per_epoch[s]) if per_epoch[s] > 0 else float("nan")
     check = LearningCheck([float(v) for v in per_epoch], drop, fell, spread, early_epoch, late_epoch)
     rate = f" (now {learning_rate:g})" if learning_rate is not None else ""
+    if not np.isfinite(per_epoch).any():  # record_mode="none", or nothing trained yet
+        check.warnings = []
+        return check
     if late_epoch == early_epoch:
         check.warnings.append(f"early_epoch = late_epoch = {late_epoch}: nothing to compare; record two epochs.")
     elif not np.isfinite(drop) or drop <= 0:
@@ -112,7 +118,7 @@ def learning_check(record, early_epoch: int = 1, late_epoch: int = 2,
             "drop in G-SNR is mostly negative and the paper's score ranks rows it learned last first (LoRA's early "
             "phase: B starts at 0 and every row's gradient grows with it); prefer a score that reads no drop "
             "(the default), or train longer before the early epoch.")
-    if np.isfinite(spread) and spread < SPREAD_MIN:
+    if norms.shape[1] > 1 and np.isfinite(spread) and spread < SPREAD_MIN:
         check.warnings.append(
             f"the members' late norms barely differ (spread {spread:.4f}, ensemble variance collapsed): the "
             "uncertainty term carries no signal; use more members or different seeds/data orders.")
@@ -125,8 +131,8 @@ def summarize(check: dict | None) -> str | None:
         return None
     losses = " -> ".join(f"{v:.3f}" for v in check["loss_per_epoch"])
     return (f"{check['verdict']}: mean response loss {losses} ({change(check['loss_drop'])} from epoch "
-            f"{check['early_epoch']} to {check['late_epoch']}), gradient energy fell for {check['energy_fell']:.0%} "
-            f"of rows, members' spread {check['member_spread']:.3f}"
+            f"{check['early_epoch']} to {check['late_epoch']}), gradient energy fell for "
+            f"{_share(check['energy_fell'])} of rows, members' spread {check['member_spread']:.3f}"
             + (f"; {len(check['warnings'])} warning(s)" if check.get("warnings") else ""))
 
 
@@ -135,3 +141,7 @@ def change(loss_drop: float) -> str:
     if not np.isfinite(loss_drop):
         return "no change measured"
     return f"{'fell' if loss_drop > 0 else 'rose' if loss_drop < 0 else 'did not change:'} {abs(loss_drop):.1%}"
+
+
+def _share(value: float) -> str:
+    return f"{value:.0%}" if np.isfinite(value) else "an unmeasured share"

@@ -108,12 +108,12 @@ class GradientRecord:
         """Content fingerprint of the scored rows: a hash of all row hashes, in order."""
         return hashlib.sha256(np.ascontiguousarray(self.row_hash, dtype=np.int64).view(np.uint8)).hexdigest()[:16]
 
-    def take(self, rows) -> GradientRecord:
-        """A new in-memory record of the given rows (positions in this record, in that order); metadata copied."""
-        rows = np.asarray(rows, dtype=np.int64)
-        pick = lambda a: None if a is None else np.ascontiguousarray(a[rows])  # noqa: E731
-        return GradientRecord(pick(self.norms), pick(self.losses), pick(self.example_id), pick(self.row_hash),
-                              metadata=dict(self.metadata), cosines=pick(self.cosines), sketches=pick(self.sketches))
+    def head(self, n: int) -> GradientRecord:
+        """The first ``n`` rows as a new record whose arrays are views of this one's (nothing copied, file-backed
+        arrays stay on disk); metadata copied."""
+        cut = lambda a: None if a is None else a[:n]  # noqa: E731
+        return GradientRecord(cut(self.norms), cut(self.losses), cut(self.example_id), cut(self.row_hash),
+                              metadata=dict(self.metadata), cosines=cut(self.cosines), sketches=cut(self.sketches))
 
     def save(self, path: str) -> str:
         """Write to ``path`` (a directory gets `RECORD_NAME`); atomically, so a crash leaves the old file."""

@@ -49,7 +49,8 @@ _SPEC = [
     ("mid_loss_energy", "DynamicsScorer", True, "(mid(L_t) + mid(G_t)) / 2: the middle of loss and gradient energy"),
     ("mid_base_loss", "DynamicsScorer", True, "-|r(L_0) - 1/2|: the middle of the frozen base's loss range"),
     ("reducible_loss", "DynamicsScorer", True, "L_0 - L_t: what the trained ensemble learned beyond the base"),
-    ("least_learned", "DynamicsScorer", True, "-(L_0 - L_s) / L_0: the least-learned rows (learning percentage)"),
+    ("least_learned", "DynamicsScorer", True, "-(P_0 - P_t) / P_0, P = exp(loss): the least-learned rows "
+                                              "(learning percentage)"),
     ("neg_energy_token", "DynamicsScorer", True, "-G_t * T: low late gradient energy, length-normalised"),
     ("base_loss", "BaseLossScorer", False, "L_0: the frozen base model's response loss, diagnostic"),
     ("ifd", "IFDScorer", True, "Superfiltering IFD = PPL(response | prompt) / PPL(response); "

@@ -9,7 +9,7 @@ response length in tokens (``response_length``), ``r`` `scoring.average_rank` in
     ambiguity        = std_{m,e} exp(-L[i,m,e])       Dataset Cartography's variability (Swayamdipta et al.
                                                       2020): rows the ensemble is unsure about across members
                                                       and epochs; "ambiguous" rows helped most there
-    confidence       = mean_{m,e} exp(-L[i,m,e])      Cartography's confidence (easy rows high; diagnostic)
+    confidence       = mean_{m,e} exp(-L[i,m,e])      Cartography's confidence (easy rows first)
     mid_loss         = -|r(L_t) - 1/2|                the middle of the proxy-loss range (Marion et al. 2023:
                                                       both tails pruned: boilerplate/loops and garbled text)
     mid_loss_energy  = (mid(L_t) + mid(G_t)) / 2      the middle of both loss and gradient energy
@@ -19,8 +19,11 @@ response length in tokens (``response_length``), ``r`` `scoring.average_rank` in
                                                       current model and the trained proxy as the reference:
                                                       rows the pool-trained ensemble learned, that the base did
                                                       not already know (Mindermann et al. 2022)
-    least_learned    = -(L_0 - L_s) / L_0             minus Mekala et al. 2024's learning percentage after the
-                                                      early epoch: the least-learned rows first
+    least_learned    = -(P_0 - P_t) / P_0             minus Mekala et al. 2024's learning percentage after one
+                     = -(1 - exp(L_t - L_0))          epoch, with perplexities P = exp(L): the least-learned
+                                                      rows first (in train mode the loss recorded at epoch t
+                                                      is after t - 1 passes: with s = 1, t = 2, after the
+                                                      first epoch, their P_1)
     neg_energy_token = -G_t * T                       low late gradient energy, length-normalised: with a
                                                       mean-over-tokens loss, noise in G falls like 1/T, so raw
                                                       energy favours long rows (LESS normalises gradients)
@@ -70,12 +73,10 @@ def reducible_loss(base_loss: np.ndarray, loss_late: np.ndarray) -> np.ndarray:
     return np.asarray(base_loss, dtype=np.float64) - np.asarray(loss_late, dtype=np.float64)
 
 
-def learning_percentage(base_loss: np.ndarray, loss_early: np.ndarray) -> np.ndarray:
-    """Mekala et al.'s learning percentage ``(L_0 - L_s) / L_0`` (their P0, P1 with losses for perplexities),
-    both ``(N,)``; NaN where ``L_0 <= 0``."""
-    base = np.asarray(base_loss, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(base > 0, (base - np.asarray(loss_early, dtype=np.float64)) / base, np.nan)
+def learning_percentage(base_loss: np.ndarray, loss_after: np.ndarray) -> np.ndarray:
+    """Mekala et al.'s learning percentage ``(P_0 - P_1) / P_0 = 1 - exp(L_1 - L_0)`` with perplexities
+    ``P = exp(L)``: the share of the base perplexity that training removed. Both ``(N,)``."""
+    return 1.0 - np.exp(np.asarray(loss_after, dtype=np.float64) - np.asarray(base_loss, dtype=np.float64))
 
 
 def energy_per_token(g_late: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -93,7 +94,7 @@ def dynamics_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, 
     _epoch(losses, early_epoch, "early_epoch")
     n = norms.shape[0]
     nan = np.full(n, np.nan)
-    l_s, l_t = mean_loss(losses, early_epoch), mean_loss(losses, late_epoch)
+    l_t = mean_loss(losses, late_epoch)
     g_t = grad_energy(norms, late_epoch)
     base = nan if base_loss is None else np.asarray(base_loss, dtype=np.float64)
     length = nan if length is None else np.asarray(length, dtype=np.float64)
@@ -107,6 +108,6 @@ def dynamics_parts(norms: np.ndarray, losses: np.ndarray, early_epoch: int = 1, 
         "mid_loss_energy": (middle(l_t) + middle(g_t)) / 2,
         "mid_base_loss": middle(base) if np.isfinite(base).any() else nan,
         "reducible_loss": reducible_loss(base, l_t),
-        "least_learned": -learning_percentage(base, l_s),
+        "least_learned": -learning_percentage(base, l_t),
         "neg_energy_token": -energy_per_token(g_t, length),
     }

@@ -16,6 +16,7 @@ from ..data.canaries import canary_table, make_canaries
 from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
+from ..proxy.learning import learning_check
 from ..proxy.record import record_rows
 from ..proxy.trainer import GradFilterTrainer
 from .baselines import (
@@ -56,7 +57,8 @@ class ScoreArguments:
     canaries: float = field(default=0.0, metadata={
         "help": "Share of rows to copy with damage (e.g. 0.05): the copies are trained on and scored with the rest, "
                 "then left out of every output; <output_dir>/canaries.json says how often each score ranks an "
-                "original above its damaged copy, on your data. Costs that share more proxy compute. 0: off."})
+                "original above its damaged copy, on your data. Costs that share more proxy compute, and the members "
+                "also train on the copies (their originals' scores shift a little). 0: off."})
 
 
 def score(args: ScoreArguments, config: GradFilterConfig):
@@ -93,31 +95,43 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     if resume:
         print(f"Resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
-    if canaries is not None and trainer.is_world_process_zero():  # scored with the rest, then left out of all outputs
-        trainer.canary_table = score_canaries(trainer, train_rows, len(rows), canaries, args, model, tokenizer)
-        trainer.record = trainer.record.take(np.arange(len(rows)))
-        trainer.record.metadata["canaries"] = {"rows": len(canaries[1]), "share": args.canaries, "seed": config.seed,
-                                               "note": "the members were trained on these copies too"}
-    trainer.save_model()
+    full = trainer.record
+    if canaries is not None and trainer.is_world_process_zero():  # the user's rows only, from here on
+        trainer.record = full.head(len(rows))
+        trainer.record.metadata["canaries"] = {
+            "rows": len(canaries[1]), "share": args.canaries, "seed": config.seed,
+            "note": "the members were also trained on these damaged copies, which shifts their originals' scores"}
+        trainer.learning_check = learning_check(trainer.record, config.early_epoch, config.late_epoch,
+                                                learning_rate=config.learning_rate)
+        trainer.record.metadata["learning_check"] = trainer.learning_check.to_dict()
+        trainer.data_stats["num_canary_rows"] = len(canaries[1])
+    trainer.save_model()  # members and the record are safe before anything else runs
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes the outputs
         return trainer
-    scored = add_scores(score_dataset(rows, trainer.record), trainer, args, model, tokenizer)
+    base_columns = None
+    if canaries is not None:
+        trainer.canary_table, base_columns = score_canaries(trainer, full, train_rows, len(rows), canaries, args,
+                                                            model, tokenizer)
+    scored = add_scores(score_dataset(rows, trainer.record), trainer, args, model, tokenizer,
+                        base_columns=base_columns)
     scored_path = save_rows(scored, os.path.join(config.output_dir, "scored"))
     trainer.scored, trainer.scored_path = scored, scored_path
     print_score_summary(trainer)
     return trainer
 
 
-def score_canaries(trainer, train_rows, num_rows: int, canaries, args: ScoreArguments, model, tokenizer) -> dict:
-    """Score the rows and their damaged copies together (rank columns over both), and write
+def score_canaries(trainer, full, train_rows, num_rows: int, canaries, args: ScoreArguments, model,
+                   tokenizer) -> tuple[dict, dict]:
+    """Score the rows and their damaged copies together on the ``full`` record (rank columns over both), and write
     ``<output_dir>/canaries/`` (the copies with their scores, ``canary_of`` and ``canary_kind``) and
-    ``<output_dir>/canaries.json`` (`data.canaries.canary_table` for every keep-score). Returns the table."""
+    ``<output_dir>/canaries.json`` (`data.canaries.canary_table` for every keep-score). Returns the table and the
+    user's rows' ``base_loss`` / ``response_length`` (reused, not recomputed)."""
     _, sources, kinds = canaries
-    scored = add_scores(score_dataset(train_rows, trainer.record), trainer, args, model, tokenizer)
+    scored = add_scores(score_dataset(train_rows, full), trainer, args, model, tokenizer, record=full)
     keep = [c for c in scored.column_names if HIGHER_IS_BETTER.get(c)]
-    cols = read_columns(scored, keep)
-    table = canary_table({c: np.asarray(v, dtype=np.float64)[sources] for c, v in cols.items()},
-                         {c: np.asarray(v, dtype=np.float64)[num_rows:] for c, v in cols.items()}, kinds)
+    cols = read_columns(scored, keep + ["base_loss", "response_length"])
+    table = canary_table({c: np.asarray(cols[c], dtype=np.float64)[sources] for c in keep},
+                         {c: np.asarray(cols[c], dtype=np.float64)[num_rows:] for c in keep}, kinds)
     out = trainer.args.output_dir
     copies_scored = scored.select(range(num_rows, len(scored)))
     copies_scored = copies_scored.add_column("canary_of", sources.tolist()).add_column("canary_kind", list(kinds))
@@ -125,7 +139,8 @@ def score_canaries(trainer, train_rows, num_rows: int, canaries, args: ScoreArgu
     with open(os.path.join(out, "canaries.json"), "w") as f:
         json.dump({"rows": len(sources), "share": args.canaries, "kinds": dict(Counter(kinds)), "table": table}, f,
                   indent=1)
-    return table
+    base = {k: np.asarray(cols[k], dtype=np.float64)[:num_rows] for k in ("base_loss", "response_length")}
+    return table, base
 
 
 def print_canary_table(table: dict, limit: int = 12) -> None:
@@ -139,13 +154,16 @@ def print_canary_table(table: dict, limit: int = 12) -> None:
         print(f"  {name:<18} {row['all']:5.2f}  " + "  ".join(f"{row[k]:12.2f}" for k in kinds))
 
 
-def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
-    """Append the record-based ablations (free) and the requested baselines to the scored rows."""
-    scored = scored.map(RecordScorer(trainer.record), batched=True, with_indices=True, desc="Ablations")
-    if trainer.record.sketches is not None:  # scored with --sketch_dim
-        scored = add_nearest_columns(scored, trainer.record)
+def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer, record=None, base_columns=None):
+    """Append the record-based ablations (free), the literature's scores and the requested baselines to the scored
+    rows (``record``: default ``trainer.record``; ``base_columns``: ``base_loss`` / ``response_length`` already
+    computed for these rows)."""
+    record = trainer.record if record is None else record
+    scored = scored.map(RecordScorer(record), batched=True, with_indices=True, desc="Ablations")
+    if record.sketches is not None:  # scored with --sketch_dim
+        scored = add_nearest_columns(scored, record)
     fmt = trainer.instruction_format
-    scored = add_dynamics_columns(scored, trainer, tokenizer)
+    scored = add_dynamics_columns(scored, trainer, tokenizer, record, base_columns)
     for name in args.extra_scores:
         if name == "response_length":  # always added by add_dynamics_columns
             continue
@@ -169,16 +187,21 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer):
     return scored
 
 
-def add_dynamics_columns(scored, trainer, tokenizer):
+def add_dynamics_columns(scored, trainer, tokenizer, record, base_columns=None):
     """``response_length`` (the response tokens the proxy trained on), ``base_loss`` (the frozen backbone, members
-    switched off: one forward pass per row) and the literature's keep-scores of `DynamicsScorer`."""
-    fmt, max_length, record = trainer.instruction_format, trainer.args.max_length, trainer.record
-    scored = scored.map(LengthScorer(tokenizer, fmt=fmt, max_length=max_length), batched=True, with_indices=True,
-                        desc="response_length")
-    with trainer.model.disable_adapter():
-        base = BaseLossScorer(trainer.model.get_base_model(), tokenizer, fmt=fmt, max_length=max_length,
-                              batch_size=trainer.args.per_device_eval_batch_size)
-        scored = scored.map(base, batched=True, with_indices=True, desc="base_loss (frozen base)")
+    switched off: one forward pass per row, on the main process only) and the literature's keep-scores of
+    `DynamicsScorer`. ``base_columns``: those two columns already computed for these rows."""
+    fmt, max_length = trainer.instruction_format, trainer.args.max_length
+    if base_columns is not None:
+        for name in ("response_length", "base_loss"):
+            scored = scored.add_column(name, base_columns[name].tolist())
+    else:
+        scored = scored.map(LengthScorer(tokenizer, fmt=fmt, max_length=max_length), batched=True,
+                            with_indices=True, desc="response_length")
+        with trainer.model.disable_adapter():
+            base = BaseLossScorer(trainer.model.get_base_model(), tokenizer, fmt=fmt, max_length=max_length,
+                                  batch_size=trainer.args.per_device_eval_batch_size)
+            scored = scored.map(base, batched=True, with_indices=True, desc="base_loss (frozen base)")
     cols = read_columns(scored, ["base_loss", "response_length"])
     at = record_rows(record, scored)
     aligned = {k: np.full(record.num_examples, np.nan) for k in cols}
@@ -207,6 +230,9 @@ def print_score_summary(trainer) -> None:
     print("  member   " + "  ".join(f"epoch {e + 1:>2}" for e in range(table.shape[1])))
     for m, row in enumerate(table):
         print(f"  {m:>6}   " + "  ".join(f"{v:8.4f}" for v in row))
+    if stats.get("num_canary_rows"):
+        print(f"(The counts below include the {stats['num_canary_rows']} canary copies; the scores and outputs do "
+              "not.)")
     print(f"Rows: {stats['num_rows']}; truncated to max_length={stats['max_length']}: {stats['num_truncated']}; "
           f"no response token (NaN score): {stats['num_no_response']}, of which empty responses: "
           f"{stats.get('num_empty_response', 0)}; duplicate rows (scored each): {stats.get('num_duplicate_rows', 0)}")

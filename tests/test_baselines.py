@@ -17,12 +17,14 @@ from hf_gradfilter.scores.baselines import (
     HIGHER_IS_BETTER,
     SCORER_OF,
     SCORERS,
+    BaseLossScorer,
     IFDScorer,
     LengthScorer,
     RandomScorer,
     RecordScorer,
     superfiltering_select,
 )
+from hf_gradfilter.scores.dynamics import DYNAMICS_COLUMNS
 from hf_gradfilter.scores.scoring import RECORD_COLUMNS, SCORE_COLUMNS
 
 
@@ -180,13 +182,14 @@ def test_record_scorer_matches_rows_like_gsnr_scorer(record_rows):
 
 def test_every_scorer_keeps_rows_and_columns_and_is_registered(model, tokenizer, rows):
     scorers = {("ifd", "ppl_conditioned", "ppl_response"): IFDScorer(model, tokenizer, batch_size=4),
+               ("base_loss",): BaseLossScorer(model, tokenizer, batch_size=4),
                ("random",): RandomScorer(), ("response_length",): LengthScorer(tokenizer)}
     for columns, scorer in scorers.items():
         scored = rows.map(scorer, batched=True, with_indices=True, batch_size=4)
         assert scored.column_names == rows.column_names + list(columns)
         assert scored.select_columns(rows.column_names).to_dict() == rows.to_dict()
         assert all(SCORER_OF[c] == type(scorer).__name__ for c in columns)
-    produced = {"fit_rank", *SCORE_COLUMNS, *RECORD_COLUMNS, "ifd", "ppl_conditioned", "ppl_response", "random",
-                "response_length"}
+    produced = {"fit_rank", *SCORE_COLUMNS, *RECORD_COLUMNS, *DYNAMICS_COLUMNS, "ifd", "ppl_conditioned",
+                "ppl_response", "base_loss", "random", "response_length"}
     assert set(SCORERS) == produced == set(HIGHER_IS_BETTER)
     assert not HIGHER_IS_BETTER["loss_late"] and HIGHER_IS_BETTER["neg_loss_late"]

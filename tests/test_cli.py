@@ -54,8 +54,8 @@ def test_score_then_select_on_a_jsonl_file(jsonl, proxy_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "sel.jsonl")]) == 0
     selected = [json.loads(line) for line in open(tmp_path / "sel.jsonl")]
     assert len(selected) == 10
-    best = np.sort(np.asarray(scored["fit_rank"]))[-10:]  # the default score
-    np.testing.assert_allclose(sorted(r["fit_rank"] for r in selected), best)
+    best = np.sort(np.asarray(scored["neg_energy_token"]))[-10:]  # the default score
+    np.testing.assert_allclose(sorted(r["neg_energy_token"] for r in selected), best)
 
 
 def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch, capsys):
@@ -63,13 +63,14 @@ def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output_dir", str(out), "--ratio", "0.25"] + DEMO + TINY) == 0
     printed = capsys.readouterr().out
-    assert "Corrupted rows in the top 25% by fit_rank" in printed and "a random selection of 20 keeps" in printed
-    selected = load_from_disk(str(out / "selected_fit_rank_top25pct"))
+    assert "Corrupted rows in the top 25% by neg_energy_token" in printed
+    assert "a random selection of 20 keeps" in printed
+    selected = load_from_disk(str(out / "selected_neg_energy_token_top25pct"))
     assert len(selected) == 20 and "is_corrupted" in selected.column_names
     # the same through `score --demo` + `select`
     assert main(["score", "--demo", "--output_dir", str(tmp_path / "s")] + DEMO + TINY) == 0
     assert main(["select", "--scored", str(tmp_path / "s" / "scored"), "--top_k", "5"]) == 0
-    assert len(load_from_disk(str(tmp_path / "s" / "selected_fit_rank_top5"))) == 5
+    assert len(load_from_disk(str(tmp_path / "s" / "selected_neg_energy_token_top5"))) == 5
 
 
 def run_error(args, capsys):
@@ -170,7 +171,7 @@ def test_push_commands_build_the_repo_and_call_the_hub_client_only(jsonl, proxy_
         monkeypatch.setattr(HfApi, method, fake(method))
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret_token_value")
     assert main(["push", "--what", "dataset", "--repo_id", "me/demo-gsnr", "--path", str(out), "--selected",
-                 str(out / "selected_fit_rank_top25pct"), "--private", "true", "--revision", "v1"]) == 0
+                 str(out / "selected_neg_energy_token_top25pct"), "--private", "true", "--revision", "v1"]) == 0
     (m1, a1, repo), (m2, a2, branch), (m3, _, upload) = calls
     assert (m1, m2, m3) == ("create_repo", "create_branch", "upload_folder")
     assert a1 == a2 == ("me/demo-gsnr",) and upload["repo_id"] == "me/demo-gsnr"

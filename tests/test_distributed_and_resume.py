@@ -94,6 +94,6 @@ def test_cli_score_under_torchrun_writes_the_single_process_record_and_scores(to
     np.testing.assert_allclose(two.norms, one.norms, rtol=1e-4)
     scored = [load_from_disk(str(tmp_path / str(p) / "scored")) for p in (1, 2)]
     assert len(scored[1]) == 37
-    for column in ("fit_rank", "gsnr"):
+    for column in ("neg_energy_token", "fit_rank", "gsnr"):
         np.testing.assert_allclose(np.array(scored[1][column], dtype=float), np.array(scored[0][column], dtype=float),
                                    rtol=1e-4)

@@ -125,12 +125,12 @@ def test_score_with_sketches_then_select_drops_the_demo_repeats(tmp_path, capsys
         capsys.readouterr().out
     assert main(["select", "--scored", str(out / "scored"), "--ratio", "1.0", "--drop_near_duplicates", "0.98"]) == 0
     assert f"Dropped {int((cos >= 0.98).sum())} near-duplicate rows" in capsys.readouterr().out
-    kept = load_from_disk(str(out / "selected_fit_rank_top100pct_nodup0.98"))
+    kept = load_from_disk(str(out / "selected_neg_energy_token_top100pct_nodup0.98"))
     assert len(kept) == 300 - (cos >= 0.98).sum() and len(set(zip(kept["instruction"], kept["input"],
                                                                    kept["output"]))) == len(kept)
     # a 10% cut keeps 10% of all 300 rows (the count a random baseline gets), none of them a near-duplicate
     assert main(["select", "--scored", str(out / "scored"), "--ratio", "0.1", "--drop_near_duplicates", "0.98"]) == 0
-    kept = load_from_disk(str(out / "selected_fit_rank_top10pct_nodup0.98"))
+    kept = load_from_disk(str(out / "selected_neg_energy_token_top10pct_nodup0.98"))
     assert len(kept) == 30 and not (np.asarray(kept["sketch_nearest_cos"], dtype=float) >= 0.98).any()
     assert kept.column_names == scored.column_names
 
@@ -147,8 +147,9 @@ def test_drop_near_duplicates_needs_a_record_with_sketches(tmp_path, capsys):
 def test_near_duplicates_are_never_selected_but_still_counted():
     from hf_gradfilter.selection.stage import drop_near_duplicates
 
-    rows = Dataset.from_dict({"fit_rank": [0.9, 0.8, 0.7, 0.6], "sketch_nearest_cos": [float("nan"), 0.99, 0.5, 0.2]})
+    rows = Dataset.from_dict({"neg_energy_token": [0.9, 0.8, 0.7, 0.6],
+                              "sketch_nearest_cos": [float("nan"), 0.99, 0.5, 0.2]})
     masked, n = drop_near_duplicates(rows, 0.98)
     assert n == 1 and len(masked) == 4 and masked.column_names == rows.column_names
-    scores = np.asarray(masked["fit_rank"], dtype=float)
+    scores = np.asarray(masked["neg_energy_token"], dtype=float)
     assert np.isnan(scores[1]) and scores[[0, 2, 3]].tolist() == [0.9, 0.7, 0.6]

@@ -69,3 +69,39 @@ def test_the_scorer_through_map_equals_the_functions_over_the_whole_record():
     want = dynamics_parts(record.norms, record.losses, base_loss=base, length=length)
     for name in DYNAMICS_COLUMNS:
         np.testing.assert_allclose(np.asarray(scored[name], dtype=float), want[name], err_msg=name)
+
+
+def test_score_columns_gives_the_default_score_and_select_top_uses_it(tokenizer, demo_rows, tmp_path):
+    """The Python path of the README: a trained trainer -> `score_columns` -> `select_top` by the default."""
+    from hf_gradfilter import (
+        DEFAULT_SCORE,
+        GradFilterConfig,
+        GradFilterTrainer,
+        LengthScorer,
+        score_columns,
+        select_top,
+    )
+    from hf_gradfilter.demo.tiny import tiny_gpt2
+    from hf_gradfilter.scores.scoring import grad_energy
+
+    rows = Dataset.from_dict({k: demo_rows[k][:16] for k in ("instruction", "input", "output")})
+    args = GradFilterConfig(output_dir=str(tmp_path), num_members=2, per_device_train_batch_size=4,
+                            num_train_epochs=2, learning_rate=5e-3, lora_r=4, lora_alpha=8, max_length=512,
+                            disable_tqdm=True, seed=0, use_cpu=True)
+    trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=args, train_dataset=rows,
+                                processing_class=tokenizer)
+    trainer.train()
+    scored = score_columns(rows, trainer)
+    assert DEFAULT_SCORE == "neg_energy_token"
+    assert {"fit_rank", "gsnr", "neg_grad_late", "response_length", "base_loss", *DYNAMICS_COLUMNS} <= set(
+        scored.column_names)
+    # independently: response tokens by LengthScorer, G_t from the record's norms (rows in record order)
+    length = np.asarray(rows.map(LengthScorer(tokenizer, max_length=512), batched=True,
+                                 with_indices=True)["response_length"], dtype=float)
+    g_t = grad_energy(trainer.record.norms.astype(np.float64), 2)
+    np.testing.assert_allclose(scored["neg_energy_token"], -g_t * length, rtol=1e-6)
+    want = -g_t * length
+    assert np.isfinite(want).sum() >= 8  # rows without response tokens are never trained: NaN, never selected
+    top, stats = select_top(scored, fraction=0.25)  # the default column
+    assert stats["score_column"] == DEFAULT_SCORE
+    assert sorted(top["neg_energy_token"]) == sorted(np.sort(want[np.isfinite(want)])[-4:].tolist())

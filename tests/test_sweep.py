@@ -144,7 +144,8 @@ def test_sweep_record_writes_csv_json_and_heatmaps(record, tmp_path):
 @pytest.fixture
 def record_dir(record, tmp_path):
     record.save(str(tmp_path / "run"))
-    scored = Dataset.from_dict({"is_corrupted": LABELS.tolist(), "task": ["x"] * 40})
+    scored = Dataset.from_dict({"is_corrupted": LABELS.tolist(), "task": ["x"] * 40,
+                                "response_length": list(range(1, 41))})
     scored.save_to_disk(str(tmp_path / "run" / "scored"))
     return tmp_path / "run"
 
@@ -162,6 +163,24 @@ def test_sweep_cli_prints_the_table_and_writes_its_files(record_dir, tmp_path, c
                                           ["gsnr", "2", "3", "2", "3"], ["gsnr", "2", "3", "3", "1"]]
     assert table[1][5] == "1.000"
     assert {p.name for p in out.iterdir()} >= {"sweep.csv", "sweep.json", "sweep_gsnr.png", "sweep_raw_drop.png"}
+
+
+def test_sweep_cli_sweeps_the_default_score_with_the_scored_response_length(record, record_dir, tmp_path, capsys):
+    from hf_gradfilter.scores.scoring import grad_energy
+
+    assert main(["sweep", "--record", str(record_dir), "--output_dir", str(tmp_path / "o")]) == 0  # the default
+    assert "Spearman of neg_energy_token between epoch pairs" in capsys.readouterr().out
+    order = record.example_id
+    length = np.arange(1, 41, dtype=float)[order]
+    want = -grad_energy(record.norms.astype(np.float64), 2) * length
+    got = setting_scores(record.norms, record.losses, Setting(1, 2, (0, 1, 2)), ("neg_energy_token",),
+                         length=length)["neg_energy_token"]
+    np.testing.assert_allclose(got, want)
+    Dataset.from_dict({"is_corrupted": LABELS.tolist()}).save_to_disk(str(record_dir / "scored"))
+    assert main(["sweep", "--record", str(record_dir), "--output_dir", str(tmp_path / "p")]) == 2
+    assert "neg_energy_token needs the column 'response_length'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="neg_energy_token needs each row's response length"):
+        setting_scores(record.norms, record.losses, Setting(1, 2, (0, 1)), ("neg_energy_token",))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -187,7 +206,7 @@ def test_sweep_demo_trains_the_demo_ensemble_for_four_epochs_then_sweeps_it(reco
 
     def fake_score(args, config):  # stands in for training: the wiring, not the proxy, is under test
         seen.update(demo=args.demo, epochs=config.num_train_epochs, lr=config.learning_rate)
-        scored = Dataset.from_dict({"is_corrupted": LABELS.tolist()})
+        scored = Dataset.from_dict({"is_corrupted": LABELS.tolist(), "response_length": [5] * 40})
         return SimpleNamespace(record=record, scored=scored)
 
     monkeypatch.setattr(sweep_stage, "score", fake_score)

@@ -162,12 +162,12 @@ def test_select_by_sketch_clusters_keeps_the_top_of_every_cluster(scored_demo, c
     every = load_from_disk(str(s / "all_clusters"))
     assert main(["select", "--scored", str(s / "scored"), "--ratio", "0.1", "--diversity_clusters", "8"]) == 0
     assert "Rows kept per 'sketch_cluster' (per_group)" in capsys.readouterr().out
-    kept = load_from_disk(str(s / "selected_fit_rank_per_sketch_cluster_top10pct"))
-    clusters, fit = np.asarray(every["sketch_cluster"]), np.asarray(every["fit_rank"], dtype=float)
+    kept = load_from_disk(str(s / "selected_neg_energy_token_per_sketch_cluster_top10pct"))
+    clusters, fit = np.asarray(every["sketch_cluster"]), np.asarray(every["neg_energy_token"], dtype=float)
     assert set(clusters) == set(range(8))
     key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
     want = []
-    for c in range(8):  # each cluster keeps round(0.1 * n_c), at least 1, of its rows: its best by fit_rank
+    for c in range(8):  # each cluster keeps round(0.1 * n_c), at least 1, of its rows: its best by the default score
         rows = np.flatnonzero(clusters == c)
         want += [key(every[int(i)]) for i in rows[np.lexsort((rows, -fit[rows]))][:max(1, round(0.1 * len(rows)))]]
     assert Counter(map(key, kept)) == Counter(want)
@@ -199,7 +199,7 @@ def test_sketch_options_give_clear_errors(scored_demo, tmp_path, capsys):
     assert main(["select", "--scored", str(s / "scored"), "--diversity_clusters", "8", "--group_mode", "quota",
                  "--group_column", "task", "--quota", "add=3"]) == 2
     assert "takes no quotas" in capsys.readouterr().err
-    Dataset.from_dict({"fit_rank": [1.0, 2.0]}).save_to_disk(str(tmp_path / "scored"))
+    Dataset.from_dict({"neg_energy_token": [1.0, 2.0]}).save_to_disk(str(tmp_path / "scored"))
     assert main(["select", "--scored", str(tmp_path / "scored"), "--diversity_clusters", "2"]) == 2
     assert "--proxy_dir" in capsys.readouterr().err
     meta = json.loads((s / "gradfilter_config.json").read_text())

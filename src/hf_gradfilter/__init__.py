@@ -25,7 +25,8 @@ from .scores.baselines import (
 )
 from .scores.duplicates import near_duplicate_ids, near_duplicates
 from .scores.scorer import GSNRScorer, score_dataset
-from .scores.scoring import ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
+from .scores.scoring import DEFAULT_SCORE, ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
+from .scores.stage import score_columns
 from .scores.sweep import sweep_record
 from .selection.diversity import sketch_clusters
 from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
@@ -37,6 +38,7 @@ _moved.install()  # old flat module paths (hf_gradfilter.trainer ...) still impo
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_SCORE",
     "HIGHER_IS_BETTER",
     "IFDScorer",
     "LengthScorer",
@@ -63,6 +65,7 @@ __all__ = [
     "gsnr",
     "per_example_loss",
     "relative_drop",
+    "score_columns",
     "score_dataset",
     "score_parts",
     "select_top",

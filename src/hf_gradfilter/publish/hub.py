@@ -258,9 +258,9 @@ def build_dataset_repo(folder, scored, selected: dict, *, settings: dict, licens
     whose ``configs`` make ``load_dataset(folder)`` (or the repo) return exactly those splits.
 
     ``settings`` fills the selection table (see `selection_settings`); its ``score_column``
-    (default ``fit_rank``) must be a column of ``scored``. With a ``group_column`` in ``settings`` (a
-    per-group selection, `selection.select_top`), the card also shows the rows each group kept in
-    every split (`selection.group_counts`). Returns the folder path.
+    (default `DEFAULT_SCORE`, ``neg_energy_token``) must be a column of ``scored``. With a
+    ``group_column`` in ``settings`` (a per-group selection, `selection.select_top`), the card also shows
+    the rows each group kept in every split (`selection.group_counts`). Returns the folder path.
     """
     score_column = (settings or {}).get("score_column") or DEFAULT_SCORE
     group_column = (settings or {}).get("group_column")

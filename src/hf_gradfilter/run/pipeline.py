@@ -59,8 +59,9 @@ class RunArguments(ScoreArguments):
     """
 
     score_column: str | None = field(default=None, metadata={
-        "help": "Column to select by, higher kept: fit_rank (default; with --target_dataset: target_alignment), gsnr "
-                "(the paper), ... (see `hf-gradfilter select --help`; ifd uses Superfiltering's rule)."})
+        "help": "Column to select by, higher kept: neg_energy_token (default, docs/default_choice.md; with "
+                "--target_dataset: target_alignment), fit_rank (the previous default), gsnr (the paper), ... "
+                "(see `hf-gradfilter select --help`; ifd uses Superfiltering's rule)."})
     ratio: list[float] = field(default_factory=lambda: [0.1], metadata={
         "help": "Fractions to keep, e.g. --ratio 0.05 0.10 0.15 (one scoring run, one target per ratio)."})
     group_column: str | None = field(default=None, metadata={

@@ -31,8 +31,8 @@ from .scoring import RECORD_COLUMNS, record_parts, uniform_hash
 
 # column, scorer, higher is better (a keep-score for `select_top`), description
 _SPEC = [
-    ("fit_rank", "GSNRScorer", True, "the default: (r(-G_t) + r(-L_t)) / 2, ranks of low late gradient energy and "
-                                     "low late proxy loss (docs/remedies.md)"),
+    ("fit_rank", "GSNRScorer", True, "(r(-G_t) + r(-L_t)) / 2 (the previous default), ranks of low late "
+                                     "gradient energy and low late proxy loss (docs/remedies.md)"),
     ("gsnr", "GSNRScorer", True, "G-SNR = (G_s - G_t) / (G_s + eps) / (V_t + eps), the paper's score"),
     ("rel_drop", "GSNRScorer", True, "Alt 2: relative drop (G_s - G_t) / (G_s + eps)"),
     ("raw_drop", "RecordScorer", True, "Alt 1: raw drop G_s - G_t"),
@@ -51,7 +51,8 @@ _SPEC = [
     ("reducible_loss", "DynamicsScorer", True, "L_0 - L_t: what the trained ensemble learned beyond the base"),
     ("least_learned", "DynamicsScorer", True, "-(P_0 - P_t) / P_0, P = exp(loss): the least-learned rows "
                                               "(learning percentage)"),
-    ("neg_energy_token", "DynamicsScorer", True, "-G_t * T: low late gradient energy, length-normalised"),
+    ("neg_energy_token", "DynamicsScorer", True, "the default: -G_t * T, low late gradient energy, length-normalised "
+                                                 "(docs/default_choice.md)"),
     ("base_loss", "BaseLossScorer", False, "L_0: the frozen base model's response loss, diagnostic"),
     ("ifd", "IFDScorer", True, "Superfiltering IFD = PPL(response | prompt) / PPL(response); "
                                "select with superfiltering_select (drops IFD >= 1)"),

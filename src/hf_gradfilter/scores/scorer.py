@@ -1,8 +1,9 @@
 """`GSNRScorer`: appends G-SNR columns to a dataset with ``dataset.map(scorer, batched=True)``.
 
-The columns (`SCORER_COLUMNS`): ``fit_rank``, the default keep-score (`scoring.fit_rank`: low late
-gradient energy and low late proxy loss, by rank; docs/remedies.md shows why it is the default),
-then the paper's ``gsnr`` and its parts ``grad_early`` (G_s), ``grad_late`` (G_t), ``rel_drop``
+The columns (`SCORER_COLUMNS`): ``fit_rank`` (`scoring.fit_rank`: low late gradient energy and low late
+proxy loss, by rank; the default until docs/default_choice.md replaced it on real data with
+``neg_energy_token``, which needs each row's response length: `dynamics.DynamicsScorer`), then the paper's
+``gsnr`` and its parts ``grad_early`` (G_s), ``grad_late`` (G_t), ``rel_drop``
 and ``ens_var_late`` (V_t).
 """
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_EPS = 1e-8
-DEFAULT_SCORE = "fit_rank"
-"""The keep-score that selection uses unless told otherwise: `fit_rank` ranked clean rows above corrupted
-ones best in every setting of docs/remedies.md, where the paper's ``gsnr`` ranked them worse than random;
-``gsnr`` stays available by name."""
+DEFAULT_SCORE = "neg_energy_token"
+"""The keep-score that selection uses unless told otherwise: ``neg_energy_token`` (``-G_t * T``, `dynamics`),
+chosen by the rule docs/default_choice.md wrote down before its runs on three real SmolLM2 pools. No candidate
+beat random in every family of bad rows there, so the rule fell back to the score that does least harm (the
+best worst-family AUROC); the earlier default `fit_rank`, chosen on toy models, ranked a real proxy's own answers
+first. The paper's ``gsnr`` stays available by name."""
 SCORE_COLUMNS = ("gsnr", "grad_early", "grad_late", "rel_drop", "ens_var_late")
 
 

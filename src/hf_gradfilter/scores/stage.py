@@ -154,16 +154,35 @@ def print_canary_table(table: dict, limit: int = 12) -> None:
         print(f"  {name:<18} {row['all']:5.2f}  " + "  ".join(f"{row[k]:12.2f}" for k in kinds))
 
 
+def score_columns(rows, trainer, record=None):
+    """``rows`` (the ones ``trainer`` trained on) with every column `hf-gradfilter score` adds by default:
+    `GSNRScorer`'s (``fit_rank``, ``gsnr`` and its parts), `RecordScorer`'s ablations, near-duplicate columns
+    when the record holds sketches, ``response_length``, ``base_loss`` and the literature's keep-scores,
+    among them the default ``neg_energy_token`` (`scoring.DEFAULT_SCORE`)::
+
+        trainer.train()
+        scored = score_columns(rows, trainer)
+        top10, stats = select_top(scored, fraction=0.10)
+
+    ``record``: default ``trainer.record``."""
+    record = trainer.record if record is None else record
+    return _record_columns(score_dataset(rows, record), trainer, trainer.processing_class, record)
+
+
+def _record_columns(scored, trainer, tokenizer, record, base_columns=None):
+    scored = scored.map(RecordScorer(record), batched=True, with_indices=True, desc="Ablations")
+    if record.sketches is not None:  # scored with --sketch_dim
+        scored = add_nearest_columns(scored, record)
+    return add_dynamics_columns(scored, trainer, tokenizer, record, base_columns)
+
+
 def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer, record=None, base_columns=None):
     """Append the record-based ablations (free), the literature's scores and the requested baselines to the scored
     rows (``record``: default ``trainer.record``; ``base_columns``: ``base_loss`` / ``response_length`` already
     computed for these rows)."""
     record = trainer.record if record is None else record
-    scored = scored.map(RecordScorer(record), batched=True, with_indices=True, desc="Ablations")
-    if record.sketches is not None:  # scored with --sketch_dim
-        scored = add_nearest_columns(scored, record)
     fmt = trainer.instruction_format
-    scored = add_dynamics_columns(scored, trainer, tokenizer, record, base_columns)
+    scored = _record_columns(scored, trainer, tokenizer, record, base_columns)
     for name in args.extra_scores:
         if name == "response_length":  # always added by add_dynamics_columns
             continue

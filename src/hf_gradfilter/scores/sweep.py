@@ -32,6 +32,7 @@ from math import comb
 
 import numpy as np
 
+from .dynamics import energy_per_token
 from .metrics import auroc, spearman
 from .scoring import (
     DEFAULT_EPS,
@@ -41,7 +42,9 @@ from .scoring import (
     score_parts,
 )
 
-SWEEP_SCORES = tuple(dict.fromkeys(("fit_rank",) + SCORE_COLUMNS + RECORD_COLUMNS))
+SWEEP_SCORES = tuple(dict.fromkeys(("neg_energy_token", "fit_rank") + SCORE_COLUMNS + RECORD_COLUMNS))
+"""What a record gives; ``neg_energy_token`` (the default keep-score, ``-G_t * T``) also needs each row's
+response length ``T`` (``length=``), the ``response_length`` column of the scored dataset."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,21 @@ def sweep_settings(num_epochs: int, num_members: int, epochs=None, member_counts
 
 
 def setting_scores(norms: np.ndarray, losses: np.ndarray | None, setting: Setting, scores=("gsnr",),
-                   eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None,
+                   length: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The named scores of one setting, ``(N,)`` each: `score_parts` / `record_parts` of the sliced record
-    (``norms``, ``losses`` and, for the direction scores, ``cosines``, all ``(N, M, E)``)."""
+    (``norms``, ``losses`` and, for the direction scores, ``cosines``, all ``(N, M, E)``), and
+    ``neg_energy_token = -G_t * T`` from ``length`` ``(N,)``."""
     unknown = [name for name in scores if name not in SWEEP_SCORES]
     if unknown:
         raise ValueError(f"Unknown score {unknown[0]!r}; the record gives {', '.join(SWEEP_SCORES)}.")
     members = list(setting.members)
     parts = score_parts(norms[:, members, :], setting.early_epoch, setting.late_epoch, eps)
+    if "neg_energy_token" in scores:
+        if length is None:
+            raise ValueError("neg_energy_token needs each row's response length (the scored dataset's "
+                             "response_length column); pass it, or sweep other scores (e.g. --score fit_rank gsnr).")
+        parts["neg_energy_token"] = -energy_per_token(parts["grad_late"], length)
     if any(name not in parts for name in scores):
         if losses is None:
             raise ValueError(f"Scores {[n for n in scores if n not in parts]} need the record's losses.")
@@ -117,7 +127,8 @@ def setting_scores(norms: np.ndarray, losses: np.ndarray | None, setting: Settin
 
 def sweep(norms: np.ndarray, losses: np.ndarray | None, settings: list[Setting], scores=("gsnr",),
           reference: tuple[int, int] = (1, 2), labels: np.ndarray | None = None,
-          eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None) -> list[dict]:
+          eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None,
+          length: np.ndarray | None = None) -> list[dict]:
     """One row per (score, setting): ``score, early_epoch, late_epoch, num_members, members, spearman``
     (with the reference setting's score: epochs ``reference``, all members) and ``auroc`` (NaN without
     ``labels``; see the module docstring)."""
@@ -132,12 +143,12 @@ def sweep(norms: np.ndarray, losses: np.ndarray | None, settings: list[Setting],
     s0, t0 = reference
     if not s0 < t0:
         raise ValueError(f"reference=({s0}, {t0}): the early epoch must come before the late one.")
-    ref = setting_scores(norms, losses, Setting(s0, t0, tuple(range(norms.shape[1]))), scores, eps, cosines)
+    ref = setting_scores(norms, losses, Setting(s0, t0, tuple(range(norms.shape[1]))), scores, eps, cosines, length)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # NaN rows (never trained) stay NaN
         for setting in settings:
-            values = setting_scores(norms, losses, setting, scores, eps, cosines)
+            values = setting_scores(norms, losses, setting, scores, eps, cosines, length)
             for name in scores:
                 rows.append({
                     "score": name, "early_epoch": setting.early_epoch, "late_epoch": setting.late_epoch,
@@ -168,12 +179,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def pair_correlations(norms: np.ndarray, losses: np.ndarray | None, pairs: list[tuple[int, int]],
-                      score: str = "gsnr", eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None) -> np.ndarray:
+                      score: str = "gsnr", eps: float = DEFAULT_EPS, cosines: np.ndarray | None = None,
+                      length: np.ndarray | None = None) -> np.ndarray:
     """``(P, P)`` Spearman matrix of ``score`` between the epoch ``pairs``, all members."""
     members = tuple(range(norms.shape[1]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        values = [setting_scores(norms, losses, Setting(s, t, members), (score,), eps, cosines)[score]
+        values = [setting_scores(norms, losses, Setting(s, t, members), (score,), eps, cosines, length)[score]
                   for s, t in pairs]
     return np.array([[spearman(a, b) for b in values] for a in values])
 
@@ -246,16 +258,16 @@ def write_outputs(output_dir: str, rows: list[dict], summary: list[dict], matric
 def sweep_record(record, output_dir: str | None = None, labels: np.ndarray | None = None, scores=("gsnr",),
                  epochs=None, member_counts=None, max_subsets: int = 10, seed: int = 0,
                  reference: tuple[int, int] = (1, 2), label_column: str | None = None,
-                 eps: float = DEFAULT_EPS) -> dict:
+                 eps: float = DEFAULT_EPS, length: np.ndarray | None = None) -> dict:
     """The whole sweep of a `GradientRecord`: ``{"rows", "summary", "pairs", "pair_spearman", "paths"}``
-    (``paths`` only with ``output_dir``). ``labels`` are in the record's row order."""
+    (``paths`` only with ``output_dir``). ``labels`` and ``length`` are in the record's row order."""
     settings = sweep_settings(record.num_epochs, record.num_members, epochs, member_counts, max_subsets, seed)
     norms, losses = record.norms.astype(np.float64), record.losses.astype(np.float64)
     cosines = getattr(record, "cosines", None)  # direction scores, in records that carry them
-    rows = sweep(norms, losses, settings, scores, reference, labels, eps, cosines)
+    rows = sweep(norms, losses, settings, scores, reference, labels, eps, cosines, length)
     summary = summarize(rows)
     pairs = epoch_pairs(record.num_epochs, epochs)
-    matrices = {name: pair_correlations(norms, losses, pairs, name, eps, cosines) for name in scores}
+    matrices = {name: pair_correlations(norms, losses, pairs, name, eps, cosines, length) for name in scores}
     result = {"rows": rows, "summary": summary, "pairs": pairs, "pair_spearman": matrices}
     if output_dir is not None:
         meta = {"num_examples": record.num_examples, "num_members": record.num_members,

@@ -28,7 +28,8 @@ class SweepArguments:
     label_column: str | None = field(default=None, metadata={
         "help": "Boolean column, True = a bad row (e.g. is_corrupted): adds the AUROC of each setting."})
     score: list[str] = field(default_factory=lambda: [DEFAULT_SCORE, "gsnr"], metadata={
-        "help": "Scores to sweep: fit_rank, gsnr, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, "
+        "help": "Scores to sweep: neg_energy_token (needs the scored dataset's response_length), fit_rank, gsnr, "
+                "rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, "
                 "neg_loss_late..."})
     epochs: list[int] = field(default_factory=list, metadata={
         "help": "Epochs to pair as (s, t), s < t (default: every recorded epoch)."})
@@ -47,18 +48,24 @@ class SweepArguments:
     demo_pretrain_epochs: int = field(default=4, metadata={"help": "Pre-training epochs of the demo backbone."})
 
 
-def _labels(scored, column: str, record) -> np.ndarray:
-    """The boolean ``column`` of ``scored`` in the record's row order."""
+def _aligned(scored, column: str, record, what: str = "Label column") -> np.ndarray:
+    """``column`` of ``scored`` in the record's row order."""
     if column not in scored.column_names:
-        raise ValueError(f"Label column {column!r} is not in the scored dataset (columns: {scored.column_names}).")
+        raise ValueError(f"{what} {column!r} is not in the scored dataset (columns: {scored.column_names}).")
     values = np.asarray(scored[column])
-    if values.dtype != bool and not (values.dtype.kind in "iu" and set(np.unique(values)) <= {0, 1}):
-        raise ValueError(f"Label column {column!r} must be boolean (True = a bad row), got {values.dtype} values "
-                         f"such as {values[:3].tolist()}.")
     if len(values) != record.num_examples:
         raise ValueError(f"The scored dataset has {len(values)} rows but the record {record.num_examples}: pass the "
                          "dataset this record was scored on.")
-    return values.astype(bool)[record.example_id]
+    return values[record.example_id]
+
+
+def _labels(scored, column: str, record) -> np.ndarray:
+    """The boolean ``column`` of ``scored`` in the record's row order."""
+    values = _aligned(scored, column, record)
+    if values.dtype != bool and not (values.dtype.kind in "iu" and set(np.unique(values)) <= {0, 1}):
+        raise ValueError(f"Label column {column!r} must be boolean (True = a bad row), got {values.dtype} values "
+                         f"such as {values[:3].tolist()}.")
+    return values.astype(bool)
 
 
 def sweep(args: SweepArguments, config: GradFilterConfig):
@@ -76,18 +83,21 @@ def sweep(args: SweepArguments, config: GradFilterConfig):
         if not args.record:
             raise ValueError("Pass --record (a `score` output dir or its gradient_record.safetensors), or --demo.")
         record = GradientRecord.load(args.record)
-        if label_column:
+        if label_column or "neg_energy_token" in args.score:
             where = args.scored or os.path.join(args.record if os.path.isdir(args.record)
                                                 else os.path.dirname(args.record), "scored")
             if not os.path.exists(where):
-                raise FileNotFoundError(f"No scored dataset at {where} for --label_column; pass --scored.")
+                raise FileNotFoundError(f"No scored dataset at {where} for --label_column or neg_energy_token (it "
+                                        "needs response_length); pass --scored, or --score fit_rank gsnr.")
             scored = load_rows(where)
     labels = _labels(scored, label_column, record) if label_column else None
+    length = (_aligned(scored, "response_length", record, "neg_energy_token needs the column").astype(np.float64)
+              if "neg_energy_token" in args.score else None)
     start = time.perf_counter()
     result = sweep_record(record, config.output_dir, labels=labels, scores=tuple(args.score),
                           epochs=args.epochs or None,
                           member_counts=args.members or None, max_subsets=args.max_subsets, seed=args.subset_seed,
-                          reference=tuple(args.reference_epochs), label_column=label_column)
+                          reference=tuple(args.reference_epochs), label_column=label_column, length=length)
     s0, t0 = args.reference_epochs
     print(f"\nSweep of {record.num_examples} rows, {record.num_members} members, {record.num_epochs} epochs: "
           f"{len(result['rows'])} (score, setting) pairs in {time.perf_counter() - start:.1f} s")

@@ -67,9 +67,10 @@ class SelectArguments:
 
     scored: str = field(metadata={"help": "Scored dataset: the `scored` folder written by `score`, or a file."})
     score_column: str | None = field(default=None, metadata={
-        "help": "Column to rank by, higher kept: fit_rank (default: low late gradient energy and low late proxy "
-                "loss, by rank; docs/remedies.md; with --target_dataset: target_alignment), gsnr (the paper's "
-                "formula), gsnr_dir, rel_drop, raw_drop, var_drop, neg_grad_late, neg_var_late, neg_loss_late, or a "
+        "help": "Column to rank by, higher kept: neg_energy_token (default: low late gradient energy times response "
+                "length, docs/default_choice.md; with --target_dataset: target_alignment), fit_rank (the previous "
+                "default), gsnr (the paper's formula), mid_loss, cos_late, gsnr_dir, rel_drop, raw_drop, var_drop, "
+                "neg_grad_late, neg_var_late, neg_loss_late, or a "
                 "baseline added with --extra_scores "
                 "(ifd uses Superfiltering's rule), or any numeric column."})
     ratio: float | None = field(default=None, metadata={"help": "Fraction to keep, in (0, 1] (default 0.1)."})

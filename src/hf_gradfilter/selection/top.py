@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.columns import read_columns
+from ..scores.scoring import DEFAULT_SCORE
 
 GROUP_MODES = ("global", "per_group", "quota")
 
@@ -178,7 +179,7 @@ def format_group_table(table: list[dict], group_column: str = "group") -> str:
     return "\n".join(lines)
 
 
-def select_top(dataset, score_column: str = "fit_rank", fraction: float | None = None, k: int | None = None,
+def select_top(dataset, score_column: str = DEFAULT_SCORE, fraction: float | None = None, k: int | None = None,
                group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None):
     """The top rows of a scored `datasets.Dataset` by ``score_column``, in their original order.
 

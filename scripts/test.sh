@@ -7,4 +7,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python -m pytest -q --timeout 900 "$@"
+exec python -m pytest -q -rs --timeout 900 "$@"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -34,11 +36,11 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(out)}))
     assert main(["run", "--config", str(config)]) == 0
     first = statuses(out)
-    assert first == {"score": "ran", "select/fit_rank_top25pct": "ran", "select/random_top25pct": "ran",
-                     "finetune/fit_rank_top25pct": "ran", "finetune/random_top25pct": "ran"}
+    assert first == {"score": "ran", "select/neg_energy_token_top25pct": "ran", "select/random_top25pct": "ran",
+                     "finetune/neg_energy_token_top25pct": "ran", "finetune/random_top25pct": "ran"}
     assert (out / "score" / "gradient_record.safetensors").exists() and (out / "score" / "member_1").is_dir()
     assert (out / "score" / "scored" / "dataset_info.json").exists()
-    for name in ("fit_rank_top25pct", "random_top25pct"):
+    for name in ("neg_energy_token_top25pct", "random_top25pct"):
         stats = json.loads((out / "select" / name / "stats.json").read_text())
         assert stats["num_selected"] == 20 and len(np.load(out / "select" / name / "positions.npy")) == 20
         target = out / "finetune" / name
@@ -57,20 +59,21 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     assert (out / "score" / "stage.json").stat().st_mtime_ns == mtime
 
     assert main(["run", "--config", str(config), "--ratio", "0.5"]) == 0  # a flag overrides the file
-    assert statuses(out) == {"score": "skipped", "select/fit_rank_top50pct": "ran", "select/random_top50pct": "ran",
-                             "finetune/fit_rank_top50pct": "ran", "finetune/random_top50pct": "ran"}
-    assert json.loads((out / "select" / "fit_rank_top50pct" / "stats.json").read_text())["num_selected"] == 40
+    assert statuses(out) == {"score": "skipped", "select/neg_energy_token_top50pct": "ran",
+                             "select/random_top50pct": "ran", "finetune/neg_energy_token_top50pct": "ran",
+                             "finetune/random_top50pct": "ran"}
+    assert json.loads((out / "select" / "neg_energy_token_top50pct" / "stats.json").read_text())["num_selected"] == 40
 
     # a crash inside a stage leaves it incomplete: the next run redoes that stage only
-    state = out / "finetune" / "fit_rank_top50pct" / "stage.json"
+    state = out / "finetune" / "neg_energy_token_top50pct" / "stage.json"
     state.write_text(state.read_text().replace('"complete": true', '"complete": false'))
     assert main(["run", "--config", str(config), "--ratio", "0.5"]) == 0
-    assert [k for k, v in statuses(out).items() if v == "ran"] == ["finetune/fit_rank_top50pct"]
+    assert [k for k, v in statuses(out).items() if v == "ran"] == ["finetune/neg_energy_token_top50pct"]
 
     # `report` rebuilds the report from the files alone
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
-    assert "fit_rank_top50pct" in (out / "report.md").read_text()
+    assert "neg_energy_token_top50pct" in (out / "report.md").read_text()
 
     # publishing is one more stage: the data with every selection, and each target adapter
     from hf_gradfilter import hub
@@ -84,8 +87,8 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     assert main(["run", "--config", str(config), "--ratio", "0.25", "0.5", *hub_flags]) == 0
     assert [k for k, v in statuses(out).items() if v == "ran"] == ["push"]
     assert pushed[0] == ("me/data", 80, {"top_25pct": 20, "top_50pct": 40})
-    assert sorted(pushed[1:]) == [("me/target-top25pct", "fit_rank_top25pct"),
-                                  ("me/target-top50pct", "fit_rank_top50pct")]
+    assert sorted(pushed[1:]) == [("me/target-top25pct", "neg_energy_token_top25pct"),
+                                  ("me/target-top50pct", "neg_energy_token_top50pct")]
     assert "me/target-top25pct" in (out / "report.md").read_text()
 
 
@@ -166,6 +169,39 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
     subprocess.run(["bash", "scripts/report_screenshot.sh", page, str(shot)], check=True, timeout=120,
                    cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert nonempty_png(shot)
+    # what a person sees: a copy of the page (beside it, so its images resolve) reports, once loaded, every
+    # image that failed to decode, and the tables and headings the browser laid out
+    html = open(page, encoding="utf-8").read()
+    check = os.path.join(os.path.dirname(page), "browser_check.html")
+    with open(check, "w", encoding="utf-8") as f:
+        f.write(html.replace("</body>", BROWSER_PROBE + "</body>"))
+    seen = browser_view(check, tmp_path / "profile")
+    assert seen["images"] == html.count("<img") >= 2 and seen["broken"] == [], seen
+    assert seen["tables"] >= 3 and seen["rows"] >= 10, seen
+    assert "hf-gradfilter run report" in seen["headings"] and "Did the proxy learn?" in seen["headings"], seen
+    # and the probe sees a broken image: the same page with one plot file gone
+    os.remove(os.path.join(os.path.dirname(page), re.search(r'<img[^>]+src="([^"]+)"', html).group(1)))
+    assert len(browser_view(check, tmp_path / "profile")["broken"]) == 1
+
+
+BROWSER_PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const out = {images: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+               tables: document.querySelectorAll('table').length, rows: document.querySelectorAll('tr').length,
+               headings: [...document.querySelectorAll('h1, h2')].map(h => h.textContent)};
+  const pre = document.createElement('pre'); pre.id = 'browser-check'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre); });</script>"""
+
+
+def browser_view(page: str, profile) -> dict:
+    """Open ``page`` in headless Chromium and return what `BROWSER_PROBE` saw once the page loaded."""
+    dom = subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", f"--user-data-dir={profile}",
+                          "--virtual-time-budget=10000", "--dump-dom", f"file://{page}"],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="browser-check">(.*?)</pre>', dom, re.S)
+    assert found, f"the probe never ran; the browser printed: {dom[-2000:]!r}"
+    return json.loads(html_lib.unescape(found.group(1)))
 
 
 @pytest.mark.parametrize("name", ["run_demo.yaml", "run_alpaca_gpt2_llama2.yaml"])
@@ -228,7 +264,7 @@ def test_run_under_torchrun_scores_fine_tunes_and_pushes_and_a_rerun_skips_all(t
     assert record.num_examples == 80 and np.isfinite(record.norms).all()
     last_step = json.loads((out / "score" / "log_history.json").read_text())[-1]["step"]
     assert last_step == 2 * 10  # 2 epochs of 80 rows in global batches of 2 processes x 4: both trained
-    for name in ("fit_rank_top25pct", "random_top25pct"):
+    for name in ("neg_energy_token_top25pct", "random_top25pct"):
         assert json.loads((out / "finetune" / name / "eval_metrics.json").read_text())["final_eval_loss"] > 0
     assert (out / "report.html").exists()
     launch(cmd, env)

@@ -331,8 +331,24 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
     if not {"1", "2"} <= set(dets):
         raise SystemExit(f"pools 1 and 2 must be scored with {tag} first (have: {sorted(dets)}).")
     decision = decide(dets)
+    others = {}  # every other recipe or proxy seed scored in `work`: measured beside the rule, not used by it
+    for path in sorted(work.glob("pool[123]_lr*_e*_s*_m*.json")):
+        name, other = path.stem.split("_", 1)
+        name = name.removeprefix("pool")
+        if other == tag:
+            continue
+        run = json.loads(path.read_text())
+        base = json.loads((work / f"pool{name}_base.json").read_text())
+        n = len(pools[name])
+        rec = GradientRecord(np.asarray(run["norms"], np.float32), np.asarray(run["losses"], np.float32),
+                             np.arange(n), np.arange(n))
+        s, t = int(run["settings"]["early_epoch"]), int(run["settings"]["late_epoch"])
+        others[f"{name}/{other}"] = {
+            "pool": name, "recipe": other, "seconds": run["seconds"],
+            "learning": learning_check(rec, s, t, learning_rate=float(run["settings"]["learning_rate"])).to_dict(),
+            "detection": {c: v for c, v in detection(keep_scores(run, base), pools[name]).items() if c in OTHER_SHOW}}
     result = {"recipe": tag, "decision": decision, "detection": dets, "learning": checks, "proxy_seconds": seconds,
-              "pools": {k: rq._counts(v) for k, v in pools.items()}, "versions": rq.versions()}
+              "others": others, "pools": {k: rq._counts(v) for k, v in pools.items()}, "versions": rq.versions()}
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     if old.get("downstream"):
         result["downstream"] = old["downstream"]
@@ -341,6 +357,7 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
 
 
 MARKER = "<!-- generated below by benchmarks/default_choice.py report -->"
+OTHER_SHOW = ("neg_energy_token", "fit_rank", "gsnr", "cos_late", "mid_loss", "neg_grad_late", "length", "random")
 LABEL = {"weak": "(a) weak", "damage": "(b) damage", "natural": "(n) natural", "duplicate": "(c) duplicates"}
 
 
@@ -400,9 +417,42 @@ def render(res: dict) -> str:
               f"- Qualified on pools 1 and 2: {', '.join(f'`{c}`' for c in d['qualify']) or 'none'}.",
               f"- Chosen: {'`' + d['chosen'] + '`' if d['chosen'] else 'none'}.",
               f"- Default: **`{d['default']}`** ({d['how']})." if d["default"] else f"- Default: {d['how']}."]
+    if res.get("others"):
+        lines.append(render_others(res))
     if res.get("downstream"):
         lines.append(render_downstream(res["downstream"]))
     return "\n".join(lines) + "\n"
+
+
+def render_others(res: dict) -> str:
+    """Other learning rates, epochs and proxy seeds: the learning check and detection beside the rule's recipe."""
+    from hf_gradfilter.proxy.learning import change
+
+    rows = {f"{p}/{res['recipe']}": {"pool": p, "recipe": res["recipe"], "seconds": res["proxy_seconds"][p],
+                                     "learning": res["learning"][p], "detection": res["detection"][p]}
+            for p in res["learning"]}
+    rows.update(res["others"])
+    rows = dict(sorted(rows.items(), key=lambda kv: (kv[1]["pool"], kv[1]["recipe"])))
+    pools = sorted({r["pool"] for r in res["others"].values()})
+    lines = ["", "## Other recipes and proxy seeds (measured beside the rule, not used by it)", "",
+             "Recipe `lr<rate>_e<epochs>_s<proxy seed>_m<members>`; s and t are the last two epochs. AUROC per "
+             "family, and the default's share of clean rows in its top 10% (the pool's share in brackets).", ""]
+    for p in pools:
+        fams = RULE_FAMILIES[p]
+        head = (["recipe", "loss per epoch", "change s -> t", "energy fell"]
+                + [f"`{c}` {LABEL[f]}" for c in OTHER_SHOW if c != "random" for f in fams]
+                + [f"default clean@10 {LABEL[f]}" for f in fams])
+        lines += [f"### Pool {p}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for r in (r for r in rows.values() if r["pool"] == p):
+            c, d = r["learning"], r["detection"]
+            lines.append("| " + " | ".join(
+                [f"`{r['recipe']}`", " -> ".join(f"{v:.3f}" for v in c["loss_per_epoch"]), change(c["loss_drop"]),
+                 f"{c['energy_fell']:.0%}"]
+                + [_f(d[s][f]) for s in OTHER_SHOW if s != "random" for f in fams]
+                + [f"{d[res['decision']['default'] or 'neg_energy_token'][f + ' clean@10']:.0%} "
+                   f"({d['random'][f + ' base']:.0%})" for f in fams]) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_md(res: dict, out: Path) -> None:
@@ -414,31 +464,35 @@ def write_md(res: dict, out: Path) -> None:
 # --------------------------------------------------------------------------------- downstream ----
 
 def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> dict:
-    """Fine-tune SmolLM2 on the top ``--subset_rows`` rows by each ``--scores`` keep-score (the pool's one proxy
-    record), on ``--random_seeds`` random subsets of that size and on all rows; held-out loss and ROUGE-L."""
+    """Fine-tune SmolLM2 on the top ``--subset_rows`` rows by each ``--scores`` keep-score (one subset per proxy
+    seed of ``--proxy_seeds``: each seed's record), on ``--random_seeds`` random subsets of that size and on all
+    rows; held-out loss and ROUGE-L. Result files are named by the recipe of ``--seed`` and the subset's index
+    (a score's: its proxy seed; random's: its subset seed)."""
     from hf_gradfilter.selection import top_indices
 
     name, tag = args.pool, recipe_tag(args)
     pool = pools[name]
-    run = json.loads((work / f"pool{name}_{tag}.json").read_text())
     base = json.loads((work / f"pool{name}_base.json").read_text())
-    scores = keep_scores(run, base)
     k = args.subset_rows
-    plan = {}
-    for c in args.scores:
-        s = np.asarray(scores[c], float)
-        idx, _ = top_indices(np.where(np.isfinite(s), s, -1e300), k=k)
-        plan[c] = [sorted(int(i) for i in idx)]
-    plan["random"] = [sorted(random.Random(seed).sample(range(len(pool)), k)) for seed in args.random_seeds]
+    plan = {c: {} for c in args.scores}
+    for seed in args.proxy_seeds or [args.seed]:
+        run = json.loads((work / f"pool{name}_{recipe_tag(argparse.Namespace(**{**vars(args), 'seed': seed}))}"
+                          ".json").read_text())
+        scores = keep_scores(run, base)
+        for c in args.scores:
+            s = np.asarray(scores[c], float)
+            idx, _ = top_indices(np.where(np.isfinite(s), s, -1e300), k=k)
+            plan[c][seed] = sorted(int(i) for i in idx)
+    plan["random"] = {seed: sorted(random.Random(seed).sample(range(len(pool)), k)) for seed in args.random_seeds}
     if not args.no_all_rows:
-        plan["all rows"] = [list(range(len(pool)))]
+        plan["all rows"] = {0: list(range(len(pool)))}
     eval_rows = rq.heldout_eval_rows(tokenizer, 64)
     gen_rows = eval_rows[:32]
     rows = lambda idx: [{c: pool[i][c] for c in ("instruction", "input", "output")} for i in idx]  # noqa: E731
     results = {}
     for label, subsets in plan.items():
         results[label] = []
-        for j, idx in enumerate(subsets):
+        for j, idx in subsets.items():
             t = re.sub(r"[^A-Za-z0-9]+", "_", label) + f"_{j}"
             res = rq.cached(work / f"down{name}_{tag}_{k}_{t}.json", lambda idx=idx, t=t: rq.finetune_and_eval(
                 model_dir, tokenizer, rows(idx), eval_rows, gen_rows, epochs=3, out_dir=str(work / f"target_{t}"),
@@ -461,7 +515,8 @@ def render_downstream(down: dict) -> str:
              "SmolLM2-135M-Instruct fine-tuned with `finetune` (TRL SFTTrainer + LoRA r16, 3 epochs, lr 2e-4) on each "
              "subset; held-out: loss on 64 Self-Instruct user-oriented references, ROUGE-L of greedy answers (at most "
              "64 new tokens) on 32 of them, raw and length-matched (each answer cut to its reference's word count). "
-             "Mean ± std over subsets (random: 3 seeds; a score: one proxy seed).", ""]
+             "Mean ± std over subsets (`n`: random subsets' seeds; a score's: proxy seeds, each its own record).",
+             ""]
     for key, results in down.items():
         lines += [f"### {key.replace('_', ', top ')} rows", "",
                   "| subset | n | bad rows | held-out loss | ROUGE-L | ROUGE-L (length-matched) | answer words |",
@@ -471,7 +526,7 @@ def render_downstream(down: dict) -> str:
                 v = [r[field] for r in runs if field in r]
                 if not v:
                     return "—"
-                return fmt.format(np.mean(v)) + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
+                return fmt.format(np.mean(v)) + (" ± " + fmt.format(np.std(v)) if len(v) > 1 else "")
 
             lines.append(f"| {label} | {len(runs)} | {np.mean([r['bad_share'] for r in runs]):.0%} | {ms('eval_loss')} "
                          f"| {ms('rougeL')} | {ms('rougeL_len')} | {ms('answer_words', '{:.1f}')} |")
@@ -497,7 +552,8 @@ def main(argv=None):
     p.add_argument("--pool", default="3", choices=["1", "2", "3"], help="downstream: the pool to select from")
     p.add_argument("--scores", nargs="+", default=["fit_rank"], help="downstream: keep-scores to fine-tune on")
     p.add_argument("--subset_rows", type=int, default=100)
-    p.add_argument("--random_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--random_seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--proxy_seeds", type=int, nargs="*", default=[], help="downstream: proxy seeds (default --seed)")
     p.add_argument("--no_all_rows", action="store_true")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer

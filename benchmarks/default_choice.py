@@ -227,7 +227,7 @@ CANDIDATES = ("fit_rank", "gsnr", "rel_drop", "raw_drop", "var_drop", "neg_grad_
 def keep_scores(run: dict, base: dict) -> dict[str, np.ndarray]:
     """Every keep-score (higher = kept) of one record, through the library's own functions."""
     from hf_gradfilter.scores.dynamics import dynamics_parts
-    from hf_gradfilter.scores.scoring import record_parts, score_parts, uniform_hash
+    from hf_gradfilter.scores.formulas import record_parts, score_parts, uniform_hash
 
     norms, losses, cosines = (np.asarray(run[k], float) for k in ("norms", "losses", "cosines"))
     s, t = int(run["settings"]["early_epoch"]), int(run["settings"]["late_epoch"])

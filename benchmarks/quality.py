@@ -35,9 +35,10 @@ import numpy as np
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
 from hf_gradfilter.demo.data import make_demo_dataset
-from hf_gradfilter.scores.baselines import IFDScorer, LengthScorer, RandomScorer, RecordScorer
+from hf_gradfilter.scores.formulas import fit_rank, mean_loss, score_parts
+from hf_gradfilter.scores.ifd import IFDScorer
 from hf_gradfilter.scores.metrics import auroc
-from hf_gradfilter.scores.scoring import fit_rank, mean_loss, score_parts
+from hf_gradfilter.scores.scorers import LengthScorer, RandomScorer, RecordScorer
 from hf_gradfilter.selection import top_indices, top_indices_by_group
 
 ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train", "alpaca_cherry_5pct.json")
@@ -160,7 +161,7 @@ def downstream(rows, scores, tokenizer, args) -> dict:
     import torch
 
     from hf_gradfilter.demo.tiny import tiny_llama
-    from hf_gradfilter.target.finetune import finetune, sft_config, to_sft_rows
+    from hf_gradfilter.finetune.sft import finetune, sft_config, to_sft_rows
 
     held_out = make_demo_dataset(num_rows=300, corruption_rate=0.0, seed=777).select_columns(
         ["instruction", "input", "output"])

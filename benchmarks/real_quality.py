@@ -237,7 +237,7 @@ def heldout_eval_rows(tokenizer, n: int, max_tokens: int = 160) -> list[dict]:
 # ------------------------------------------------------------------------------------- scoring ----
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    from hf_gradfilter.scores.scoring import average_rank
+    from hf_gradfilter.scores.formulas import average_rank
 
     return average_rank(np.asarray(x, float))
 
@@ -250,7 +250,7 @@ def keep_scores(record: dict, ifd: np.ndarray, length: np.ndarray, n: int) -> di
     ``V_t``, ``G_t`` and ``L_t``, and *mid* rules ``-|r(x) - 1/2|`` that drop both tails (text far easier
     to predict than a real answer, e.g. boilerplate or a loop, and text far harder, e.g. garbled or
     off-topic)."""
-    from hf_gradfilter.scores.scoring import record_parts, score_parts, uniform_hash
+    from hf_gradfilter.scores.formulas import record_parts, score_parts, uniform_hash
 
     norms, losses = np.asarray(record["norms"], float), np.asarray(record["losses"], float)
     cosines = np.asarray(record["cosines"], float) if record.get("cosines") is not None else None
@@ -344,7 +344,7 @@ def score_pool(pool_ds, model_dir: str, tokenizer, *, seed: int, members: int, m
     seconds = time.time() - t0
     rec = trainer.record
     loss = np.nanmean(rec.losses, axis=(0, 1))
-    from hf_gradfilter.scores.scoring import score_parts
+    from hf_gradfilter.scores.formulas import score_parts
 
     parts = score_parts(rec.norms)
     diag = {"seconds": seconds, "seconds_per_row_per_member": seconds / len(pool_ds) / members,
@@ -386,7 +386,7 @@ def finetune_and_eval(model_dir: str, tokenizer, train_rows: list[dict], eval_ro
     else:  # the untrained model, evaluated by the same TRL code path
         from trl import SFTConfig, SFTTrainer
 
-        from hf_gradfilter.target.finetune import to_sft_rows
+        from hf_gradfilter.finetune.sft import to_sft_rows
 
         cfg = SFTConfig(output_dir=out_dir, per_device_eval_batch_size=8, max_length=256, bf16=False, use_cpu=True,
                         report_to="none", disable_tqdm=True)
@@ -410,7 +410,7 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int) ->
     import torch
     from datasets import Dataset
 
-    from hf_gradfilter.target.finetune import to_sft_rows
+    from hf_gradfilter.finetune.sft import to_sft_rows
 
     prompts = to_sft_rows(Dataset.from_list(rows))["prompt"]
     side = tokenizer.padding_side

@@ -37,8 +37,8 @@ from hf_gradfilter import GradFilterConfig, GradFilterTrainer
 from hf_gradfilter.demo import demo_proxy, demo_proxy_dir, pretrain_proxy
 from hf_gradfilter.demo.data import make_demo_dataset
 from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.formulas import fit_rank, mean_loss, score_parts
 from hf_gradfilter.scores.metrics import auroc
-from hf_gradfilter.scores.scoring import fit_rank, mean_loss, score_parts
 
 PAIRS = ((1, 2), (2, 3), (2, 4), (3, 4), (1, 4))
 # (lr, init, mode, demo seeds, alpaca seeds) of the screening grid; every run is 4 epochs, 3 members.
@@ -55,7 +55,7 @@ SCREEN = [
 ]
 
 
-FIT = "fit rank: (r(-G_t)+r(-L_t))/2 (scoring.fit_rank)"
+FIT = "fit rank: (r(-G_t)+r(-L_t))/2 (formulas.fit_rank)"
 SUMMARY = {  # keep-score -> short column name of the summary tables
     "G-SNR (paper)": "G-SNR",
     "Alt 2: relative drop": "rel drop",

@@ -52,8 +52,8 @@ def sketch_scores(pool_ds, targets: list[list[dict]], model_dir: str, tokenizer,
 
     from hf_gradfilter import GradFilterConfig, GradFilterTrainer, score_dataset, sketch_clusters, target_alignment
     from hf_gradfilter.proxy.probe import sketch_rows
+    from hf_gradfilter.scores.clusters import unit_member_mean
     from hf_gradfilter.scores.duplicates import record_sketches
-    from hf_gradfilter.selection.diversity import unit_member_mean
 
     cfg = GradFilterConfig(output_dir=out_dir, num_members=args.members, num_train_epochs=2, seed=args.seed,
                            max_length=args.max_length, disable_tqdm=True, use_cpu=True, logging_steps=10_000,

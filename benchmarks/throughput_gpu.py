@@ -48,7 +48,7 @@ from throughput import (  # noqa: E402  (a benchmark script beside this one)
 
 from hf_gradfilter import GradFilterTrainer  # noqa: E402
 from hf_gradfilter.proxy.sampler import MemberSampler  # noqa: E402
-from hf_gradfilter.scores.scoring import score_parts  # noqa: E402
+from hf_gradfilter.scores.formulas import score_parts  # noqa: E402
 
 ALPACA_ROWS = 52_002
 SETTINGS = {  # the GPU run; --tiny: the same steps at sizes a CPU does in about a minute

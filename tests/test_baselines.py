@@ -13,19 +13,18 @@ from datasets import Dataset, concatenate_datasets
 from hf_gradfilter.data.formatting import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, InstructionFormat, row_hashes
 from hf_gradfilter.demo.tiny import tiny_gpt2
 from hf_gradfilter.proxy.record import GradientRecord
-from hf_gradfilter.scores.baselines import (
+from hf_gradfilter.scores.dynamics import DYNAMICS_COLUMNS
+from hf_gradfilter.scores.formulas import RECORD_COLUMNS, SCORE_COLUMNS
+from hf_gradfilter.scores.ifd import BaseLossScorer, IFDScorer
+from hf_gradfilter.scores.scorers import (
     HIGHER_IS_BETTER,
     SCORER_OF,
     SCORERS,
-    BaseLossScorer,
-    IFDScorer,
     LengthScorer,
     RandomScorer,
     RecordScorer,
-    superfiltering_select,
 )
-from hf_gradfilter.scores.dynamics import DYNAMICS_COLUMNS
-from hf_gradfilter.scores.scoring import RECORD_COLUMNS, SCORE_COLUMNS
+from hf_gradfilter.selection.superfiltering import superfiltering_select
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from hf_gradfilter import (
 from hf_gradfilter.proxy.checkpoint import DIRECTIONS_NAME
 from hf_gradfilter.proxy.model import build_ensemble
 from hf_gradfilter.proxy.norms import LoraNormRecorder, grad_dots
-from hf_gradfilter.scores.scoring import gsnr_direction, mean_cosine, record_parts, score_parts
+from hf_gradfilter.scores.formulas import gsnr_direction, mean_cosine, record_parts, score_parts
 
 RTOL, ATOL = 1e-4, 1e-6  # cosines near 0 are held to ATOL: float32 rounding of a dot of two gradients
 

@@ -136,7 +136,7 @@ def test_score_with_sketches_then_select_drops_the_demo_repeats(tmp_path, capsys
 
 
 def test_drop_near_duplicates_needs_a_record_with_sketches(tmp_path, capsys):
-    from hf_gradfilter.selection.stage import drop_near_duplicates
+    from hf_gradfilter.selection.select import drop_near_duplicates
 
     with pytest.raises(ValueError, match="--sketch_dim"):
         drop_near_duplicates(Dataset.from_dict({"x": [1, 2]}), 0.98)
@@ -145,7 +145,7 @@ def test_drop_near_duplicates_needs_a_record_with_sketches(tmp_path, capsys):
 
 
 def test_near_duplicates_are_never_selected_but_still_counted():
-    from hf_gradfilter.selection.stage import drop_near_duplicates
+    from hf_gradfilter.selection.select import drop_near_duplicates
 
     rows = Dataset.from_dict({"neg_energy_token": [0.9, 0.8, 0.7, 0.6],
                               "sketch_nearest_cos": [float("nan"), 0.99, 0.5, 0.2]})

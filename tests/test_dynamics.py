@@ -8,8 +8,8 @@ import pytest
 from datasets import Dataset
 
 from hf_gradfilter.proxy.record import GradientRecord
-from hf_gradfilter.scores.baselines import DynamicsScorer
 from hf_gradfilter.scores.dynamics import DYNAMICS_COLUMNS, dynamics_parts
+from hf_gradfilter.scores.scorers import DynamicsScorer
 
 
 def test_every_column_matches_a_hand_computed_value():
@@ -82,7 +82,7 @@ def test_score_columns_gives_the_default_score_and_select_top_uses_it(tokenizer,
         select_top,
     )
     from hf_gradfilter.demo.tiny import tiny_gpt2
-    from hf_gradfilter.scores.scoring import grad_energy
+    from hf_gradfilter.scores.formulas import grad_energy
 
     rows = Dataset.from_dict({k: demo_rows[k][:16] for k in ("instruction", "input", "output")})
     args = GradFilterConfig(output_dir=str(tmp_path), num_members=2, per_device_train_batch_size=4,

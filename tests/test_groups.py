@@ -17,7 +17,7 @@ from hf_gradfilter.selection import (
     top_indices,
     top_indices_by_group,
 )
-from hf_gradfilter.selection.stage import parse_quotas
+from hf_gradfilter.selection.select import parse_quotas
 
 SIZES = {"chat": 900, "code": 80, "math": 20}
 
@@ -216,7 +216,7 @@ def test_dataset_card_shows_what_each_group_kept(mixture, tmp_path):
 
 
 def test_ifd_per_group_never_keeps_rows_with_ifd_at_or_above_one():
-    from hf_gradfilter.selection.stage import select_rows
+    from hf_gradfilter.selection.select import select_rows
 
     rows = Dataset.from_dict({"task": ["a"] * 4 + ["b"] * 4, "ifd": [1.5, 0.9, 0.2, 0.5, 0.3, 2.0, 0.8, 1.0]})
     selected, stats = select_rows(rows, "ifd", fraction=0.5, group_column="task", group_mode="per_group")
@@ -224,7 +224,7 @@ def test_ifd_per_group_never_keeps_rows_with_ifd_at_or_above_one():
 
 
 def test_ifd_just_above_one_is_dropped_in_float64_as_stored():
-    from hf_gradfilter.selection.stage import select_rows
+    from hf_gradfilter.selection.select import select_rows
 
     # 1 + 1e-9 rounds to 1.0 in float32 but is >= 1 either way; 1 - 1e-9 is below 1 only in float64.
     rows = Dataset.from_dict({"task": ["a", "a", "b", "b"], "ifd": [1 + 1e-9, 0.5, 1 - 1e-9, 0.4]})

@@ -28,7 +28,7 @@ from hf_gradfilter.cli import main
 from hf_gradfilter.data.formatting import InstructionFormat
 from hf_gradfilter.data.io import load_rows
 from hf_gradfilter.demo.tiny import tiny_gpt2
-from hf_gradfilter.scores.scoring import score_parts
+from hf_gradfilter.scores.formulas import score_parts
 
 MAX_LENGTH = 256
 LONG_OUTPUT = "word " * 40_000  # 200,000 characters

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GradientRecord, hub, select_top
 from hf_gradfilter.demo.tiny import tiny_gpt2
-from hf_gradfilter.scores.scoring import SCORE_COLUMNS
+from hf_gradfilter.scores.formulas import SCORE_COLUMNS
 
 TOKEN = "hf_FAKEtokenForTests0123456789abcdef"
 SETTINGS = {"proxy_model": "gpt2", "num_members": 5, "num_train_epochs": 2, "early_epoch": 1, "late_epoch": 2,

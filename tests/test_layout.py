@@ -1,4 +1,4 @@
-"""The package's shape: layers (no library module imports the CLI), no import cycles, short modules.
+"""The package's shape: rooms in layers (no import runs up the order), no import cycles, short modules.
 
 The import graph is read from the source with `ast` (relative imports resolved), so the checks see
 every import, including those inside functions, without importing anything.
@@ -13,6 +13,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hf_gradfilter"
 MAX_LINES = 500
+
+# The layer order (README: Layout). A room may import only rooms on lower floors: `data` reads rows, `proxy`
+# trains the LoRA ensemble and records norms, `scores` makes columns (G-SNR, baselines, the literature's scores,
+# target alignment, clusters, near-duplicate flags: all that needs the proxy), `selection` only picks rows from
+# columns, `finetune` trains and judges the target, `publish` talks to the Hub, `run` orders the stages and
+# writes the report, `cli` parses flags. The package root re-exports the public API (the floor of `run`).
+LAYERS = {"data": 0, "dist": 0, "plots": 0, "proxy": 1, "demo": 1, "scores": 2, "selection": 3,
+          "finetune": 4, "publish": 4, "run": 5, "": 5, "cli": 6}
 
 
 def module_name(path: Path) -> str:
@@ -46,6 +54,29 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     mods = modules()
     return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def room(module: str) -> str:
+    """``hf_gradfilter.scores.formulas`` -> ``scores``; the package root -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int] = LAYERS) -> list[str]:
+    """Every import whose target's room is not on a lower floor than the importer's (another room of the same
+    floor counts too), as ``"a -> b"``; a room missing from ``layers`` is reported, not guessed."""
+    bad = []
+    for name, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            a, b = room(name), room(dep)
+            if a == b:
+                continue
+            if a not in layers or b not in layers:
+                bad.append(f"{name} -> {dep} (room {(a if a not in layers else b)!r} has no floor in LAYERS)")
+            elif layers[b] >= layers[a]:
+                bad.append(f"{name} -> {dep} ({a or 'the package root'} is floor {layers[a]}, "
+                           f"{b or 'the package root'} floor {layers[b]})")
+    return bad
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -85,6 +116,23 @@ def test_no_import_cycle_among_the_package_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_the_layer_check_catches_an_upward_import_a_same_floor_one_and_an_unknown_room():
+    graph = {"hf_gradfilter.scores.formulas": {"hf_gradfilter.selection.top", "hf_gradfilter.data.io"},
+             "hf_gradfilter.publish.hub": {"hf_gradfilter.finetune.sft"},
+             "hf_gradfilter.extra.thing": {"hf_gradfilter.data.io"},
+             "hf_gradfilter.data.io": set(), "hf_gradfilter.selection.top": {"hf_gradfilter.scores.formulas"}}
+    bad = upward_imports(graph)
+    assert bad[0].startswith("hf_gradfilter.extra.thing -> hf_gradfilter.data.io (room 'extra'")
+    assert bad[1].startswith("hf_gradfilter.publish.hub -> hf_gradfilter.finetune.sft")
+    assert bad[2].startswith("hf_gradfilter.scores.formulas -> hf_gradfilter.selection.top (scores is floor 2")
+    assert len(bad) == 3  # selection -> scores and scores -> data run down: allowed
+
+
+def test_no_import_runs_up_the_layer_order():
+    bad = upward_imports(import_graph())
+    assert bad == [], "imports against the layer order (README: Layout):\n" + "\n".join(bad)
+
+
 def test_no_library_module_imports_the_cli():
     importers = sorted(name for name, deps in import_graph().items() if "hf_gradfilter.cli" in deps)
     assert importers == [], f"the CLI is the top floor; these import it: {importers}"
@@ -96,21 +144,9 @@ def test_no_module_is_over_500_lines(name):
     assert lines <= MAX_LINES, f"{name} has {lines} lines (at most {MAX_LINES}): split it by concern"
 
 
-def test_old_flat_module_paths_import_the_moved_modules():
-    import importlib
-
-    from hf_gradfilter._moved import MOVED
-
-    for old, new in MOVED.items():
-        assert importlib.import_module(f"hf_gradfilter.{old}") is importlib.import_module(f"hf_gradfilter.{new}")
-
-
-def test_importing_an_old_path_leaves_the_moved_module_its_own_spec():
+def test_importing_the_package_does_not_import_trl():
     import subprocess
     import sys
 
-    code = ("import importlib, hf_gradfilter.hub as old, hf_gradfilter.publish.hub as new\n"
-            "assert old is new and new.__spec__.name == 'hf_gradfilter.publish.hub', new.__spec__\n"
-            "assert new.__spec__.parent == new.__package__ == 'hf_gradfilter.publish'\n"
-            "assert importlib.reload(new) is new and new.__spec__.name == 'hf_gradfilter.publish.hub'\n")
-    subprocess.run([sys.executable, "-W", "error::ImportWarning", "-c", code], check=True)
+    code = "import sys, hf_gradfilter\nassert 'trl' not in sys.modules, 'import hf_gradfilter imported trl'\n"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_gradfilter.scores.scoring import average_rank, fit_rank
+from hf_gradfilter.scores.formulas import average_rank, fit_rank
 
 
 def test_average_rank_by_hand():
@@ -32,7 +32,7 @@ def test_fit_rank_ties_and_nan_by_hand():
 def test_fit_rank_matches_record_quantities():
     rng = np.random.default_rng(0)
     norms, losses = rng.random((6, 3, 2)) + 0.1, rng.random((6, 3, 2)) + 0.1
-    from hf_gradfilter.scores.scoring import grad_energy, mean_loss
+    from hf_gradfilter.scores.formulas import grad_energy, mean_loss
 
     score = fit_rank(grad_energy(norms, 2), mean_loss(losses, 2))
     best = np.argmax(score)

@@ -119,7 +119,7 @@ def _constructed_run(folder, norms, losses):
     """A run folder holding only a finished scoring stage, built from arrays."""
     from datasets import Dataset
 
-    from hf_gradfilter.scores.scorer import score_dataset
+    from hf_gradfilter.scores.scorers import score_dataset
 
     record = _record(norms, losses)
     (folder / "score").mkdir(exist_ok=True)

@@ -15,9 +15,9 @@ from datasets import Dataset
 
 from hf_gradfilter.cli import main
 from hf_gradfilter.proxy.record import GradientRecord
+from hf_gradfilter.scores.formulas import score_parts
 from hf_gradfilter.scores.metrics import average_ranks, spearman
-from hf_gradfilter.scores.scoring import score_parts
-from hf_gradfilter.scores.sweep import (
+from hf_gradfilter.scores.sweep_grid import (
     Setting,
     epoch_pairs,
     member_subsets,
@@ -166,7 +166,7 @@ def test_sweep_cli_prints_the_table_and_writes_its_files(record_dir, tmp_path, c
 
 
 def test_sweep_cli_sweeps_the_default_score_with_the_scored_response_length(record, record_dir, tmp_path, capsys):
-    from hf_gradfilter.scores.scoring import grad_energy
+    from hf_gradfilter.scores.formulas import grad_energy
 
     assert main(["sweep", "--record", str(record_dir), "--output_dir", str(tmp_path / "o")]) == 0  # the default
     assert "Spearman of neg_energy_token between epoch pairs" in capsys.readouterr().out
@@ -200,7 +200,7 @@ def test_sweep_cli_errors_name_the_bad_value(record_dir, tmp_path, capsys, args,
 
 def test_sweep_demo_trains_the_demo_ensemble_for_four_epochs_then_sweeps_it(record, tmp_path, monkeypatch, capsys):
     from hf_gradfilter.demo import DEMO_LEARNING_RATE
-    from hf_gradfilter.scores import sweep_stage
+    from hf_gradfilter.scores import sweep as sweep_stage
 
     seen = {}
 

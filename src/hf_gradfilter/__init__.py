@@ -1,12 +1,13 @@
 """hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning.
 
-The public API, re-exported from one subpackage per stage: ``data`` -> ``proxy`` -> ``scores`` ->
-``selection`` -> ``target`` -> ``publish``, with ``run`` (the pipeline and its report) over them
-and ``cli`` on top (README: Layout).
+The public API, re-exported from one subpackage ("room") per stage, each importing only rooms below it:
+``data`` -> ``proxy`` -> ``scores`` -> ``selection`` -> ``finetune`` (train and judge the target), ``publish``
+(the Hub) -> ``run`` (the pipeline and its report) -> ``cli`` (README: Layout; enforced by tests/test_layout.py).
 """
 
-from . import _moved
 from .data.formatting import InstructionFormat, tokenize_dataset
+from .finetune import pairwise as judge
+from .finetune.sft import finetune, sft_config
 from .proxy.config import GradFilterConfig
 from .proxy.model import build_ensemble, per_example_loss
 from .proxy.norms import LoraNormRecorder, sq_norms
@@ -14,26 +15,23 @@ from .proxy.record import GradientRecord
 from .proxy.trainer import GradFilterTrainer
 from .publish import hub
 from .scores.alignment import target_alignment
-from .scores.baselines import (
+from .scores.clusters import sketch_clusters
+from .scores.duplicates import near_duplicate_ids, near_duplicates
+from .scores.formulas import DEFAULT_SCORE, ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
+from .scores.ifd import IFDScorer
+from .scores.score import score_columns
+from .scores.scorers import (
     HIGHER_IS_BETTER,
     SCORERS,
-    IFDScorer,
+    GSNRScorer,
     LengthScorer,
     RandomScorer,
     RecordScorer,
-    superfiltering_select,
+    score_dataset,
 )
-from .scores.duplicates import near_duplicate_ids, near_duplicates
-from .scores.scorer import GSNRScorer, score_dataset
-from .scores.scoring import DEFAULT_SCORE, ensemble_variance, grad_energy, gsnr, relative_drop, score_parts
-from .scores.stage import score_columns
-from .scores.sweep import sweep_record
-from .selection.diversity import sketch_clusters
+from .scores.sweep_grid import sweep_record
+from .selection.superfiltering import superfiltering_select
 from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
-from .target import judge
-from .target.finetune import finetune, sft_config
-
-_moved.install()  # old flat module paths (hf_gradfilter.trainer ...) still import
 
 __version__ = "0.1.0"
 

@@ -18,17 +18,17 @@ from transformers import HfArgumentParser
 from trl import SFTConfig
 
 from .demo.backbone import DEMO_LEARNING_RATE
+from .finetune.finetune import FinetuneArguments, finetune_target
+from .finetune.judge import JudgeArguments, compare
+from .finetune.sft import sft_defaults
 from .proxy.config import GradFilterConfig
 from .publish.push import PushArguments, push
 from .run.demo import DemoArguments, run_demo
 from .run.pipeline import DEMO_RUN_DEFAULTS, RunArguments, run
 from .run.report import ReportArguments, report
-from .scores.stage import ScoreArguments, score
-from .scores.sweep_stage import SweepArguments, sweep
-from .selection.stage import SelectArguments, select
-from .target.compare import JudgeArguments, compare
-from .target.finetune import sft_defaults
-from .target.stage import FinetuneArguments, finetune_target
+from .scores.score import ScoreArguments, score
+from .scores.sweep import SweepArguments, sweep
+from .selection.select import SelectArguments, select
 
 COMMANDS = {  # verb: (help, the dataclasses its flags fill, the library call they are passed to)
     "score": ("Train the proxy ensemble on a dataset, record per-example gradient norms, write G-SNR columns.",

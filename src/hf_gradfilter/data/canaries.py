@@ -8,7 +8,7 @@ data). Only the response changes (alpaca ``output``, ``completion``, or the last
 the original scores higher (ties count half): a paired AUROC, 0.5 for a score that cannot tell them apart.
 
 The copies are trained on with the other rows (so the proxy sees ``share`` more rows, a cost of ``share`` more
-proxy compute), scored, and then left out of every output (`scores.stage.score` keeps them in
+proxy compute), scored, and then left out of every output (`scores.score.score` keeps them in
 ``<output_dir>/canaries``): selection never sees them. Their *effect* stays: the members also trained on a
 damaged copy of ``share`` of the rows, which shifts those originals' (and, slightly, every row's) scores.
 """

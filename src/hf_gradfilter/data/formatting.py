@@ -360,3 +360,12 @@ def tokenize_dataset(dataset, tokenizer, fmt: InstructionFormat | None = None, m
         desc="Tokenizing",
     )
     return tokenized, fmt
+
+
+def raw_responses(batch, fmt: InstructionFormat, positions) -> list[str]:
+    """The untemplated response text of each row (assistant turns joined by newlines)."""
+    if fmt.kind in ("alpaca", "prompt_completion"):
+        col = fmt.output_column if fmt.kind == "alpaca" else fmt.completion_column
+        return [_text(v, col, i) for v, i in zip(batch[col], positions)]
+    return ["\n".join(_text(m["content"]) for m in _messages(v, fmt.messages_column, i) if m["role"] == "assistant")
+            for v, i in zip(batch[fmt.messages_column], positions)]

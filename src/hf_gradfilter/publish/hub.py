@@ -30,7 +30,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from ..data.columns import read_columns
 from ..proxy.learning import summarize
 from ..proxy.record import RECORD_NAME, GradientRecord
-from ..scores.scoring import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
+from ..scores.formulas import DEFAULT_EPS, DEFAULT_SCORE, SCORE_COLUMNS, score_parts
 
 logger = logging.getLogger(__name__)
 

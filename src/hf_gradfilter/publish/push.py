@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..data.io import load_rows
-from ..scores.scoring import DEFAULT_SCORE
+from ..scores.formulas import DEFAULT_SCORE
 from . import hub
 
 

@@ -10,10 +10,10 @@ import numpy as np
 from ..data.columns import read_columns
 from ..demo.backbone import DEMO_LEARNING_RATE
 from ..proxy.config import GradFilterConfig
+from ..scores.formulas import DEFAULT_SCORE
 from ..scores.metrics import auroc
-from ..scores.scoring import DEFAULT_SCORE
-from ..scores.stage import ScoreArguments, score
-from ..selection.stage import SelectArguments, select
+from ..scores.score import ScoreArguments, score
+from ..selection.select import SelectArguments, select
 
 
 @dataclass

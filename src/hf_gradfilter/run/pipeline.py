@@ -39,9 +39,9 @@ import numpy as np
 from ..data.columns import read_columns
 from ..data.io import load_rows
 from ..dist import barrier, is_main_process, main_decides
-from ..scores.scoring import DEFAULT_SCORE
-from ..scores.stage import ScoreArguments, score
-from ..selection.stage import drop_near_duplicates, select_rows
+from ..scores.formulas import DEFAULT_SCORE
+from ..scores.score import ScoreArguments, score
+from ..selection.select import drop_near_duplicates, select_rows
 from .sketches import check_sketch_flags, sketch_columns
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -326,7 +326,7 @@ def _score(args: RunArguments, config, folder: str) -> dict:
 
 
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
-    """Keep the top ``ratio`` by ``column`` (`selection.stage.select_rows`: ``ifd`` follows Superfiltering's rule;
+    """Keep the top ``ratio`` by ``column`` (`selection.select.select_rows`: ``ifd`` follows Superfiltering's rule;
     ``args.group_column``: per group), or for ``random`` as many rows as the ``args.score_column`` selection,
     drawn uniformly (per group, as many of each group). Writes ``data/``, ``positions.npy`` (rows of the
     scored set, ascending) and ``stats.json``."""
@@ -425,7 +425,7 @@ def _eval_rows(args: RunArguments):
 def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out: str) -> dict:
     import torch
 
-    from ..target.finetune import default_lora_config, finetune, sft_config
+    from ..finetune.sft import default_lora_config, finetune, sft_config
 
     rows = load_rows(os.path.join(selected_folder, "data"))
     eval_rows = _eval_rows(args)

@@ -258,7 +258,7 @@ def report_blocks(run: dict, fig_dir: str) -> list[tuple]:
     from ..data.columns import read_columns
     from ..proxy.learning import change, learning_check
     from ..scores.checks import failure_signatures
-    from ..scores.scoring import DEFAULT_SCORE, score_parts
+    from ..scores.formulas import DEFAULT_SCORE, score_parts
 
     args, proxy = run["args"].get("run", {}), run["args"].get("proxy", {})
     column = args.get("score_column", DEFAULT_SCORE)

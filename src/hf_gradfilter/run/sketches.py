@@ -1,18 +1,18 @@
 """`run`'s gradient-sketch flags (``--target_dataset``, ``--diversity_clusters``, ``--drop_near_duplicates``):
 checked before anything runs, and their columns computed once per run for every ratio and the published
-splits (`selection.sketched.sketch_options`)."""
+splits (`scores.sketched.sketch_options`)."""
 
 from __future__ import annotations
 
 import copy
 import os
 
-from ..selection.sketched import sketch_options
+from ..scores.sketched import sketch_options
 
 
 def check_sketch_flags(args, config) -> None:
     """Refuse, before anything runs, sketch flags that the score stage's settings cannot serve."""
-    from ..selection.diversity import check_clusters
+    from ..scores.clusters import check_clusters
 
     uses = [f for f in ("target_dataset", "diversity_clusters", "drop_near_duplicates") if getattr(args, f) is not None]
     if uses and not config.sketch_dim:
@@ -29,7 +29,7 @@ _CACHE: dict = {}  # (scored_path, flags) -> (scored with the sketch columns, st
 
 
 def sketch_columns(args, scored, scored_path: str, seed: int):
-    """`selection.sketched.sketch_options` with the run's flags: ``(scored, stats)``, computed once per scored set and
+    """`scores.sketched.sketch_options` with the run's flags: ``(scored, stats)``, computed once per scored set and
     flags (every ratio's selection and the published splits share the same columns)."""
     if args.target_dataset is None and args.diversity_clusters is None:
         return scored, {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..proxy.learning import learning_check
-from .scoring import score_parts
+from .formulas import score_parts
 
 
 def failure_signatures(record, early_epoch: int = 1, late_epoch: int = 2) -> list[str]:

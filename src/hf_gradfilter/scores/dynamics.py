@@ -4,7 +4,7 @@ losses / norms and ``(N,)`` columns (numpy only), and `DynamicsScorer`, their `D
 Notation as in `scoring` (1-based epochs s < t; arrays 0-based). ``L[i, m, e]`` is example i's mean response
 loss for member m at epoch e (`GradientRecord.losses`), ``L_e = mean_m L[:, m, e]``, ``L_0`` the *frozen
 base's* response loss (the proxy without its members: the ``base_loss`` column of `BaseLossScorer`), ``T`` the
-response length in tokens (``response_length``), ``r`` `scoring.average_rank` in [0, 1]. Higher = kept::
+response length in tokens (``response_length``), ``r`` `formulas.average_rank` in [0, 1]. Higher = kept::
 
     ambiguity        = std_{m,e} exp(-L[i,m,e])       Dataset Cartography's variability (Swayamdipta et al.
                                                       2020): rows the ensemble is unsure about across members
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scoring import _epoch, average_rank, grad_energy, mean_loss
+from .formulas import _epoch, average_rank, grad_energy, mean_loss
 
 DYNAMICS_COLUMNS = ("ambiguity", "confidence", "mid_loss", "mid_loss_energy", "mid_base_loss", "reducible_loss",
                     "least_learned", "neg_energy_token")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.columns import read_columns
-from ..scores.scoring import DEFAULT_SCORE
+from ..scores.formulas import DEFAULT_SCORE
 
 GROUP_MODES = ("global", "per_group", "quota")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..data.formatting import DataFormatArguments
 from ..data.io import load_rows
-from .finetune import default_lora_config, finetune
+from .sft import default_lora_config, finetune
 
 
 @dataclass

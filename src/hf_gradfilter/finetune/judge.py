@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from . import judge
+from . import pairwise as judge
 
 
 @dataclass

@@ -14,11 +14,11 @@ import csv
 import json
 import os
 from dataclasses import fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig
 from transformers.utils import logging
-from trl import SFTConfig, SFTTrainer
 
 from ..data.formatting import (
     ALPACA_PROMPT,
@@ -32,6 +32,9 @@ from ..data.formatting import (
 )
 
 logger = logging.get_logger(__name__)
+
+if TYPE_CHECKING:  # TRL is imported when a fine-tune starts, not with the package
+    from trl import SFTConfig
 
 
 def to_sft_rows(dataset, fmt: InstructionFormat | None = None):
@@ -85,6 +88,8 @@ def sft_defaults(gpu: bool | None = None) -> dict:
     CPU: the same in fp32 (bf16 is ~20x slower on CPU), no checkpointing.
     """
     gpu = torch.cuda.is_available() if gpu is None else gpu
+    from trl import SFTConfig
+
     names = {f.name for f in fields(SFTConfig)}  # transformers 5 renamed gradient -> activation checkpointing
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return dict(
@@ -96,6 +101,8 @@ def sft_defaults(gpu: bool | None = None) -> dict:
 
 def sft_config(output_dir: str, **overrides) -> SFTConfig:
     """`SFTConfig` with `sft_defaults`, updated by ``overrides``."""
+    from trl import SFTConfig
+
     return SFTConfig(output_dir=output_dir, **{**sft_defaults(), **overrides})
 
 
@@ -130,6 +137,8 @@ def finetune(model, train_dataset, args: SFTConfig | None = None, peft_config: L
     if processing_class.pad_token is None:
         processing_class.pad_token = processing_class.eos_token
     eval_rows = to_sft_rows(eval_dataset, fmt) if eval_dataset is not None else None
+    from trl import SFTTrainer
+
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
                          processing_class=processing_class, peft_config=peft_config or default_lora_config())
     trainer.train()

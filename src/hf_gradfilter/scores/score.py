@@ -19,18 +19,10 @@ from ..proxy.config import GradFilterConfig
 from ..proxy.learning import learning_check
 from ..proxy.record import record_rows
 from ..proxy.trainer import GradFilterTrainer
-from .baselines import (
-    HIGHER_IS_BETTER,
-    BaseLossScorer,
-    DynamicsScorer,
-    IFDScorer,
-    LengthScorer,
-    RandomScorer,
-    RecordScorer,
-)
 from .checks import failure_signatures
 from .duplicates import nearest_earlier_ids
-from .scorer import score_dataset
+from .ifd import BaseLossScorer, IFDScorer
+from .scorers import HIGHER_IS_BETTER, DynamicsScorer, LengthScorer, RandomScorer, RecordScorer, score_dataset
 
 
 @dataclass
@@ -158,7 +150,7 @@ def score_columns(rows, trainer, record=None):
     """``rows`` (the ones ``trainer`` trained on) with every column `hf-gradfilter score` adds by default:
     `GSNRScorer`'s (``fit_rank``, ``gsnr`` and its parts), `RecordScorer`'s ablations, near-duplicate columns
     when the record holds sketches, ``response_length``, ``base_loss`` and the literature's keep-scores,
-    among them the default ``neg_energy_token`` (`scoring.DEFAULT_SCORE`)::
+    among them the default ``neg_energy_token`` (`formulas.DEFAULT_SCORE`)::
 
         trainer.train()
         scored = score_columns(rows, trainer)

@@ -10,9 +10,9 @@ import numpy as np
 
 from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
-from ..scores.baselines import superfiltering_select
-from ..scores.scoring import DEFAULT_SCORE
-from .sketched import sketch_options
+from ..scores.formulas import DEFAULT_SCORE
+from ..scores.sketched import sketch_options
+from ..selection.superfiltering import superfiltering_select
 from .top import format_group_table, select_top
 
 

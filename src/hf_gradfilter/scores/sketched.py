@@ -15,9 +15,9 @@ import numpy as np
 
 from ..data.io import load_rows
 from ..proxy.record import RECORD_NAME, GradientRecord, record_rows
-from ..scores.alignment import target_alignment
-from ..scores.duplicates import record_sketches
-from .diversity import check_clusters, sketch_clusters
+from .alignment import target_alignment
+from .clusters import check_clusters, sketch_clusters
+from .duplicates import record_sketches
 
 TARGET_COLUMN = "target_alignment"
 CLUSTER_COLUMN = "sketch_cluster"
@@ -70,7 +70,7 @@ def add_target_alignment(scored, folder: str, target_rows, proxy_model: str | No
 
 def add_sketch_clusters(scored, folder: str, num_clusters: int, seed: int = 0):
     """``scored`` with ``sketch_cluster``: k-means clusters of the rows' member-averaged late-epoch sketches
-    (`diversity.sketch_clusters`; -1: no sketch). Returns ``(scored, stats)``."""
+    (`clusters.sketch_clusters`; -1: no sketch). Returns ``(scored, stats)``."""
     record = _sketched_record(folder)
     labels = sketch_clusters(record_sketches(record), num_clusters, seed=seed)[record_rows(record, scored)]
     sizes = np.bincount(labels[labels >= 0], minlength=num_clusters)

@@ -161,7 +161,7 @@ def downstream(rows, scores, tokenizer, args) -> dict:
     import torch
 
     from hf_gradfilter.demo.tiny import tiny_llama
-    from hf_gradfilter.finetune.sft import finetune, sft_config, to_sft_rows
+    from hf_gradfilter.finetuning.sft import finetune, sft_config, to_sft_rows
 
     held_out = make_demo_dataset(num_rows=300, corruption_rate=0.0, seed=777).select_columns(
         ["instruction", "input", "output"])

@@ -386,7 +386,7 @@ def finetune_and_eval(model_dir: str, tokenizer, train_rows: list[dict], eval_ro
     else:  # the untrained model, evaluated by the same TRL code path
         from trl import SFTConfig, SFTTrainer
 
-        from hf_gradfilter.finetune.sft import to_sft_rows
+        from hf_gradfilter.finetuning.sft import to_sft_rows
 
         cfg = SFTConfig(output_dir=out_dir, per_device_eval_batch_size=8, max_length=256, bf16=False, use_cpu=True,
                         report_to="none", disable_tqdm=True)
@@ -410,7 +410,7 @@ def generate_answers(model, tokenizer, rows: list[dict], max_new_tokens: int) ->
     import torch
     from datasets import Dataset
 
-    from hf_gradfilter.finetune.sft import to_sft_rows
+    from hf_gradfilter.finetuning.sft import to_sft_rows
 
     prompts = to_sft_rows(Dataset.from_list(rows))["prompt"]
     side = tokenizer.padding_side

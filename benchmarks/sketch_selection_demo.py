@@ -58,7 +58,7 @@ def finetune_loss(rows, idx, eval_rows, tokenizer, steps, tag) -> float:
     import torch
 
     from hf_gradfilter.demo.tiny import tiny_llama
-    from hf_gradfilter.finetune.sft import finetune, sft_config, to_sft_rows
+    from hf_gradfilter.finetuning.sft import finetune, sft_config, to_sft_rows
 
     cfg = sft_config(f"/tmp/hfg_sketch_demo/{tag}", max_steps=steps, per_device_train_batch_size=8,
                      gradient_accumulation_steps=1, learning_rate=1e-2, logging_steps=steps,

@@ -24,7 +24,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, GSNRScorer, select_top
-from hf_gradfilter.finetune.sft import finetune, sft_config
+from hf_gradfilter.finetuning.sft import finetune, sft_config
 
 
 def main():

@@ -10,7 +10,7 @@ from datasets import Dataset
 from peft import PeftModel
 
 from hf_gradfilter.demo.tiny import tiny_llama
-from hf_gradfilter.finetune.sft import finetune, sft_config, to_sft_rows
+from hf_gradfilter.finetuning.sft import finetune, sft_config, to_sft_rows
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def sft_warnings():
     """The warnings `to_sft_rows` logs."""
     import logging
 
-    logger, records = logging.getLogger("hf_gradfilter.finetune.sft"), []
+    logger, records = logging.getLogger("hf_gradfilter.finetuning.sft"), []
     handler = logging.Handler()
     handler.emit = records.append
     logger.addHandler(handler)

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from hf_gradfilter.demo.tiny import tiny_llama
-from hf_gradfilter.finetune.pairwise import (
+from hf_gradfilter.finetuning.pairwise import (
     EndpointJudge,
     LocalJudge,
     generate_answers,

@@ -17,10 +17,10 @@ MAX_LINES = 500
 # The layer order (README: Layout). A room may import only rooms on lower floors: `data` reads rows, `proxy`
 # trains the LoRA ensemble and records norms, `scores` makes columns (G-SNR, baselines, the literature's scores,
 # target alignment, clusters, near-duplicate flags: all that needs the proxy), `selection` only picks rows from
-# columns, `finetune` trains and judges the target, `publish` talks to the Hub, `run` orders the stages and
+# columns, `finetuning` trains and judges the target, `publish` talks to the Hub, `run` orders the stages and
 # writes the report, `cli` parses flags. The package root re-exports the public API (the floor of `run`).
 LAYERS = {"data": 0, "dist": 0, "plots": 0, "proxy": 1, "demo": 1, "scores": 2, "selection": 3,
-          "finetune": 4, "publish": 4, "run": 5, "": 5, "cli": 6}
+          "finetuning": 4, "publish": 4, "run": 5, "": 5, "cli": 6}
 
 
 def module_name(path: Path) -> str:
@@ -118,12 +118,12 @@ def test_no_import_cycle_among_the_package_modules():
 
 def test_the_layer_check_catches_an_upward_import_a_same_floor_one_and_an_unknown_room():
     graph = {"hf_gradfilter.scores.formulas": {"hf_gradfilter.selection.top", "hf_gradfilter.data.io"},
-             "hf_gradfilter.publish.hub": {"hf_gradfilter.finetune.sft"},
+             "hf_gradfilter.publish.hub": {"hf_gradfilter.finetuning.sft"},
              "hf_gradfilter.extra.thing": {"hf_gradfilter.data.io"},
              "hf_gradfilter.data.io": set(), "hf_gradfilter.selection.top": {"hf_gradfilter.scores.formulas"}}
     bad = upward_imports(graph)
     assert bad[0].startswith("hf_gradfilter.extra.thing -> hf_gradfilter.data.io (room 'extra'")
-    assert bad[1].startswith("hf_gradfilter.publish.hub -> hf_gradfilter.finetune.sft")
+    assert bad[1].startswith("hf_gradfilter.publish.hub -> hf_gradfilter.finetuning.sft")
     assert bad[2].startswith("hf_gradfilter.scores.formulas -> hf_gradfilter.selection.top (scores is floor 2")
     assert len(bad) == 3  # selection -> scores and scores -> data run down: allowed
 
@@ -144,9 +144,34 @@ def test_no_module_is_over_500_lines(name):
     assert lines <= MAX_LINES, f"{name} has {lines} lines (at most {MAX_LINES}): split it by concern"
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_trl():
     import subprocess
     import sys
 
     code = "import sys, hf_gradfilter\nassert 'trl' not in sys.modules, 'import hf_gradfilter imported trl'\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_every_module_imports_by_its_dotted_path_and_no_re_export_shadows_a_room():
+    import importlib
+    import subprocess
+    import sys
+
+    import hf_gradfilter
+
+    rooms = sorted({room(m) for m in modules() if room(m) and "." in m[len("hf_gradfilter."):]})
+    shadowed = [r for r in rooms if not isinstance(vars(hf_gradfilter).get(r, hf_gradfilter), type(hf_gradfilter))]
+    assert shadowed == [], f"hf_gradfilter.<room> is not the subpackage for {shadowed} (a re-export took its name)"
+    code = "".join(f"import {m} as _m\n" for m in sorted(modules()) if m != "hf_gradfilter.cli")
+    subprocess.run([sys.executable, "-c", code], check=True)  # `import a.b.c as m` walks attributes
+    assert all(importlib.import_module(m) for m in modules())
+
+
+def test_pyproject_lists_every_subpackage():
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set(), f"subpackages missing from pyproject's packages (not installed): {found - listed}"

@@ -15,6 +15,8 @@ import yaml
 
 from hf_gradfilter.cli import main
 
+pytestmark = pytest.mark.slow  # each test runs the pipeline: `pytest -m 'not slow'` skips it
+
 TINY_RUN = {"demo": True, "demo_rows": 80, "demo_pretrain_rows": 200, "demo_pretrain_epochs": 1, "num_members": 2,
             "lora_r": 4, "max_length": 256, "disable_tqdm": True, "use_cpu": True, "logging_steps": 1,
             "ratio": [0.25], "group_mode": "global", "target_max_steps": 2, "target_eval_steps": 2, "eval_max_rows": 8}
@@ -52,6 +54,15 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
     for png in ("scores.png", "drop_vs_variance.png", "proxy_loss.png", "target_loss.png", "target_eval_loss.png"):
         assert nonempty_png(out / "report" / png), png
     assert f"Report: {out}/report.html" in capsys.readouterr().out
+
+    # the `select` verb given the same settings keeps the same rows as run's select stage (one rule: pick_rows)
+    from hf_gradfilter.data.io import load_rows
+
+    verb_out = tmp_path / "verb_selected"
+    assert main(["select", "--scored", str(out / "score" / "scored"), "--ratio", "0.25",
+                 "--output", str(verb_out)]) == 0
+    by_verb, by_run = load_rows(str(verb_out)), load_rows(str(out / "select" / "neg_energy_token_top25pct" / "data"))
+    assert len(by_run) == 20 and by_verb.to_pandas().equals(by_run.to_pandas())
 
     mtime = (out / "score" / "stage.json").stat().st_mtime_ns
     assert main(["run", "--config", str(config)]) == 0

@@ -1,13 +1,13 @@
 """hf-gradfilter: G-SNR (GradFiltering) data selection for instruction tuning.
 
 The public API, re-exported from one subpackage ("room") per stage, each importing only rooms below it:
-``data`` -> ``proxy`` -> ``scores`` -> ``selection`` -> ``finetune`` (train and judge the target), ``publish``
+``data`` -> ``proxy`` -> ``scores`` -> ``selection`` -> ``finetuning`` (train and judge the target), ``publish``
 (the Hub) -> ``run`` (the pipeline and its report) -> ``cli`` (README: Layout; enforced by tests/test_layout.py).
 """
 
 from .data.formatting import InstructionFormat, tokenize_dataset
-from .finetune import pairwise as judge
-from .finetune.sft import finetune, sft_config
+from .finetuning import pairwise as judge
+from .finetuning.sft import finetune, sft_config
 from .proxy.config import GradFilterConfig
 from .proxy.model import build_ensemble, per_example_loss
 from .proxy.norms import LoraNormRecorder, sq_norms

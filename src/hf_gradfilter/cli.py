@@ -11,6 +11,7 @@ Every ``GradFilterConfig`` / ``TrainingArguments`` field is a flag of ``score`` 
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -18,9 +19,9 @@ from transformers import HfArgumentParser
 from trl import SFTConfig
 
 from .demo.backbone import DEMO_LEARNING_RATE
-from .finetune.finetune import FinetuneArguments, finetune_target
-from .finetune.judge import JudgeArguments, compare
-from .finetune.sft import sft_defaults
+from .finetuning.finetune import FinetuneArguments, finetune_target
+from .finetuning.judge import JudgeArguments, compare
+from .finetuning.sft import sft_defaults
 from .proxy.config import GradFilterConfig
 from .publish.push import PushArguments, push
 from .run.demo import DemoArguments, run_demo
@@ -59,20 +60,53 @@ def _parse_run(rest: list[str]):
 
     parser = TrlParser((RunArguments, GradFilterConfig), prog="hf-gradfilter run", description=COMMANDS["run"][0])
     from_file = {}
+    if rest[-1:] == ["--config"]:
+        raise ValueError("--config needs the path of a YAML file of run flags, e.g. --config run.yaml.")
     if "--config" in rest[:-1]:
         path = rest[rest.index("--config") + 1]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No config file {path!r} (--config takes a YAML file of run flags).")
         with open(path) as f:
-            from_file = yaml.safe_load(f) or {}
+            try:
+                from_file = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ValueError(f"Config file {path!r} is not valid YAML ({getattr(err, 'problem', None) or err}"
+                                 f"{where}); write one `flag_name: value` per line.") from None
         if not isinstance(from_file, dict):
             raise ValueError(f"Config file {path!r} must be a YAML mapping of flag names to values.")
+        known = {action.dest for action in parser._actions} | {"env"}  # TrlParser sets `env:` as variables
+        unknown = [key for key in from_file if key not in known]
+        if unknown:
+            raise ValueError(f"Config file {path!r} has the key {unknown[0]!r}, which is not a flag of "
+                             f"`hf-gradfilter run`{_did_you_mean(unknown[0], known)}; "
+                             "`hf-gradfilter run --help` lists them.")
     demo_flag = "--demo" in rest and rest[rest.index("--demo") + 1:][:1] not in (["false"], ["False"])
     defaults = {"output_dir": "gradfilter_run"}
     if demo_flag or from_file.get("demo"):
         defaults.update(DEMO_RUN_DEFAULTS)
     parser.set_defaults_with_config(**defaults)
+    i = rest.index("--config") if "--config" in rest[:-1] else len(rest)
+    _check_flags(parser, "run", rest[:i] + rest[i + 2:])
     return parser.parse_args_and_config(rest)
+
+
+def _did_you_mean(name: str, known) -> str:
+    near = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _check_flags(parser, command: str, args: list[str]) -> None:
+    """Refuse an argument ``command`` does not take, naming it and the nearest flag (`HfArgumentParser` says only
+    "Some specified arguments are not used by the HfArgumentParser: [...]")."""
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        flags = [s for action in parser._actions for s in action.option_strings]
+        name = unknown[0].split("=")[0]
+        what = (f"has no flag {name}{_did_you_mean(name, flags)}" if name.startswith("-")
+                else f"takes no value {name!r} here (every value follows its flag)")
+        raise ValueError(f"`hf-gradfilter {command}` {what}; `hf-gradfilter {command} --help` lists its flags.")
 
 
 def _usage() -> str:
@@ -117,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             defaults = {"output_dir": "gradfilter_target", **sft_defaults()}
             given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in rest if a.startswith("--")}
             rest += [x for k, v in defaults.items() if k not in given for x in (f"--{k}", str(v))]
+        _check_flags(parser, command, rest)
         call(*parser.parse_args_into_dataclasses(rest))
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
         print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+DATA_EXTENSIONS = ("json", "jsonl", "csv", "parquet", "arrow")
 
 
 def load_rows(name: str, config: str | None = None, split: str = "train"):
@@ -39,14 +42,26 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
                 f"{name!r} is not valid UTF-8 (first bad byte at line {bad[0]}, byte offset {bad[1]}); re-encode it "
                 f"as UTF-8 from its real encoding, e.g. `iconv -f latin1 -t utf-8 {name} > fixed.{ext}`."
             )
+        quiet = logging.getLogger("datasets.packaged_modules")  # its readers log a failure before raising it;
+        level = quiet.level  # the ValueError below says it in one line
+        quiet.setLevel(logging.CRITICAL)
         try:
             return load_dataset(builder, data_files=name, split="train")
         except StopIteration:  # datasets' json reader on a file with no rows
             raise ValueError(f"The dataset file {name!r} is empty: there is nothing to score.") from None
-        except Exception:
-            if ext == "jsonl":
-                check_json_lines(name)  # names the bad line; datasets' own error is a long pyarrow traceback
-            raise
+        except Exception as err:
+            if ext == "jsonl":  # names the bad line; datasets' own error is a long pyarrow traceback
+                check_json_lines(name)
+            elif ext == "json":
+                check_json_file(name)
+            cause = err
+            while cause.__cause__ or cause.__context__:
+                cause = cause.__cause__ or cause.__context__
+            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0].rstrip(".")
+            raise ValueError(f"Cannot read {name!r} as a .{ext} file: {detail}. Fix the file, or save it again "
+                             "with the tool that wrote it.") from err
+        finally:
+            quiet.setLevel(level)
     if os.path.isdir(name):
         if any(os.path.exists(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
             data = load_from_disk(name)
@@ -56,9 +71,14 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
                 data = data[split]
             return data
         return load_dataset(name, config, split=split)
-    if os.sep in name and not name.count("/") == 1:
-        raise FileNotFoundError(f"No file or folder {name!r}, and it is not a Hub dataset id (namespace/name).")
-    return load_dataset(name, config, split=split)
+    if os.sep in name and not name.count("/") == 1 or os.path.splitext(name)[1][1:].lower() in DATA_EXTENSIONS:
+        raise FileNotFoundError(f"No file or folder {name!r}, and it is not a Hub dataset id (namespace/name); "
+                                "check the path.")
+    try:
+        return load_dataset(name, config, split=split)
+    except ConnectionError as err:  # offline (HF_HUB_OFFLINE=1) or no network: datasets' error is a traceback
+        raise FileNotFoundError(f"No file or folder {name!r}, and the Hub could not be reached to look it up as a "
+                                f"dataset id ({err}); check the path.") from None
 
 
 def check_json_lines(path: str) -> None:
@@ -81,6 +101,30 @@ def check_json_lines(path: str) -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{path!r} line {number} is a JSON {type(value).__name__}, not an object with "
                                  "one field per column: a .jsonl file holds one JSON object per line.")
+
+
+def check_json_file(path: str) -> None:
+    """Refuse a .json file that is not one JSON list of objects (nor JSON Lines), naming the line and column of
+    a syntax error or the first item that is not an object. Called only after ``datasets`` failed to read it."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        first = text.lstrip().split("\n", 1)[0]
+        if err.lineno > 1 and first.startswith("{") and first.rstrip().endswith("}"):
+            check_json_lines(path)  # one object per line under a .json name: datasets reads that too
+        raise ValueError(f"{path!r} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). A "
+                         ".json file holds one JSON list of objects, one per row; or use .jsonl, one object per "
+                         "line.") from None
+    items = value if isinstance(value, list) else [value]
+    bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+    if bad is not None:
+        what = f"item {bad} of its list is" if isinstance(value, list) else "it holds"
+        raise ValueError(f"{path!r}: {what} a JSON {type(items[bad]).__name__}, not an object with one field per "
+                         "column: a .json file holds one JSON list of objects, one per row.")
 
 
 def save_rows(dataset, path: str) -> str:

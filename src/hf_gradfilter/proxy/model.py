@@ -3,6 +3,8 @@ and the per-example loss the members train on and are recorded with (mean NLL ov
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -13,6 +15,26 @@ from .config import GradFilterConfig
 
 MEMBER_PREFIX = "member_"
 
+
+
+def load_causal_lm(name: str, flag: str = "--model_name_or_path", **model_kwargs):
+    """``(model, tokenizer)`` of the causal LM ``name`` (a folder saved with ``save_pretrained`` or a Hub id). A
+    missing folder or a model that cannot be fetched is a one-line `FileNotFoundError` naming ``flag``, not
+    transformers' OSError (which calls a missing folder an invalid repo id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    remote = model_kwargs.get("trust_remote_code", False)
+    looks_local = name.startswith((".", os.sep)) or name.count("/") > 1
+    if looks_local and not os.path.isdir(name):
+        raise FileNotFoundError(f"No model folder {name!r}: {flag} takes a folder saved with save_pretrained or a "
+                                "Hub model id (e.g. gpt2).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+        return AutoModelForCausalLM.from_pretrained(name, **model_kwargs), tokenizer
+    except OSError as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        raise FileNotFoundError(f"Cannot load the model {name!r} ({flag}): {detail}. Pass a folder saved with "
+                                "save_pretrained, or a Hub id you can reach (offline: one in the cache).") from err
 
 
 def member_name(m: int) -> str:

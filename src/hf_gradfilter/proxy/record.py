@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 RECORD_NAME = "gradient_record.safetensors"
@@ -140,8 +140,12 @@ class GradientRecord:
         """Read the record at ``path`` (a directory or a ``.safetensors`` file); with ``mmap``, map its
         arrays read-only from the file instead (`mmap_safetensors`)."""
         path = _record_file(path)
-        tensors = mmap_safetensors(path) if mmap else load_file(path)
-        meta = read_record_metadata(path)
+        try:
+            tensors = mmap_safetensors(path) if mmap else load_file(path)
+            meta = read_record_metadata(path)
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable gradient record ({err}): pass the file a `hf-gradfilter "
+                             "score` run wrote, or run it again.") from None
         return cls(tensors["norms"], tensors["losses"], tensors["example_id"], tensors["row_hash"], meta,
                    tensors.get("cosines"), tensors.get("sketches"))
 

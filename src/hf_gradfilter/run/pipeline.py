@@ -36,12 +36,11 @@ from functools import partial
 
 import numpy as np
 
-from ..data.columns import read_columns
 from ..data.io import load_rows
 from ..dist import barrier, is_main_process, main_decides
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
-from ..selection.select import drop_near_duplicates, select_rows
+from ..selection.select import pick_rows
 from .sketches import check_sketch_flags, sketch_columns
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -326,10 +325,9 @@ def _score(args: RunArguments, config, folder: str) -> dict:
 
 
 def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunArguments, seed: int) -> dict:
-    """Keep the top ``ratio`` by ``column`` (`selection.select.select_rows`: ``ifd`` follows Superfiltering's rule;
-    ``args.group_column``: per group), or for ``random`` as many rows as the ``args.score_column`` selection,
-    drawn uniformly (per group, as many of each group). Writes ``data/``, ``positions.npy`` (rows of the
-    scored set, ascending) and ``stats.json``."""
+    """Keep the top ``ratio`` by ``column`` (`selection.select.pick_rows`, the `select` verb's rule), or for
+    ``random`` as many rows as the ``args.score_column`` selection, drawn uniformly (per group, as many of each
+    group). Writes ``data/``, ``positions.npy`` (rows of the scored set, ascending) and ``stats.json``."""
     scored = load_rows(scored_path)
     n = len(scored)
     if column == "random":  # as many rows as the main selection; per group, as many of each group
@@ -349,16 +347,9 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
                  "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
         scored, sketch_stats = sketch_columns(args, scored, scored_path, seed)
-        group_column, group_mode = ((sketch_stats["group_column"], "per_group") if args.diversity_clusters
-                                    else (args.group_column, args.group_mode))
-        with_pos = scored.add_column("_position", np.arange(n))
-        if args.drop_near_duplicates is not None:
-            with_pos, sketch_stats["num_near_duplicates_dropped"] = drop_near_duplicates(
-                with_pos, args.drop_near_duplicates, column)
-        selected, stats = select_rows(with_pos, column, fraction=ratio, group_column=group_column,
-                                      group_mode=group_mode)
-        stats.update({**{k: v for k, v in sketch_stats.items() if k != "group_column"}, "group_column": group_column})
-        positions = np.sort(read_columns(selected, ["_position"])["_position"])
+        positions, stats = pick_rows(scored, column, fraction=ratio, group_column=args.group_column,
+                                     group_mode=args.group_mode, near_duplicates=args.drop_near_duplicates,
+                                     sketch_stats=sketch_stats)
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)
     np.save(os.path.join(folder, "positions.npy"), positions.astype(np.int64))
@@ -425,7 +416,7 @@ def _eval_rows(args: RunArguments):
 def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out: str) -> dict:
     import torch
 
-    from ..finetune.sft import default_lora_config, finetune, sft_config
+    from ..finetuning.sft import default_lora_config, finetune, sft_config
 
     rows = load_rows(os.path.join(selected_folder, "data"))
     eval_rows = _eval_rows(args)

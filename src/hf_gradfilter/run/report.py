@@ -406,7 +406,8 @@ def write_report(output_dir: str) -> dict[str, str]:
     if not os.path.isdir(out):
         raise FileNotFoundError(f"No run folder {output_dir!r}: pass the --output_dir of `hf-gradfilter run`.")
     if not os.path.exists(os.path.join(out, "run_args.json")):
-        raise ValueError(f"{output_dir!r} is not a `hf-gradfilter run` output dir (no run_args.json).")
+        raise ValueError(f"{output_dir!r} is not a `hf-gradfilter run` output dir (no run_args.json): pass the "
+                         "--output_dir of `hf-gradfilter run`.")
     fig_dir = os.path.join(out, "report")
     os.makedirs(fig_dir, exist_ok=True)
     blocks = report_blocks(_load_run(out), fig_dir)

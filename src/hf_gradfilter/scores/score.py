@@ -17,6 +17,7 @@ from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
 from ..proxy.config import GradFilterConfig
 from ..proxy.learning import learning_check
+from ..proxy.model import load_causal_lm
 from ..proxy.record import record_rows
 from ..proxy.trainer import GradFilterTrainer
 from .checks import failure_signatures
@@ -55,8 +56,6 @@ class ScoreArguments:
 
 def score(args: ScoreArguments, config: GradFilterConfig):
     """Train the ensemble, record norms, write members + record + the scored dataset. Returns the trainer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if args.demo and args.dataset_name:
         raise ValueError(f"Pass either --demo or --dataset_name (got both: --dataset_name {args.dataset_name}); "
                          "--demo scores the embedded demo dataset instead of your file.")
@@ -70,9 +69,7 @@ def score(args: ScoreArguments, config: GradFilterConfig):
         if not args.dataset_name:
             raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
         rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
-                                                     trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_causal_lm(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     canaries = None
     if args.canaries:
         canaries = make_canaries(rows, config.instruction_format.resolve(rows.column_names), args.canaries,
@@ -180,11 +177,8 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer, record=N
             continue
         adapters_off = contextlib.nullcontext()
         if name == "ifd":
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             if args.ifd_model:
-                ifd_model, ifd_tok = (AutoModelForCausalLM.from_pretrained(args.ifd_model),
-                                      AutoTokenizer.from_pretrained(args.ifd_model))
+                ifd_model, ifd_tok = load_causal_lm(args.ifd_model, "--ifd_model")
             else:  # the proxy's frozen backbone, members switched off
                 ifd_model, ifd_tok = trainer.model.get_base_model(), tokenizer
                 adapters_off = trainer.model.disable_adapter()

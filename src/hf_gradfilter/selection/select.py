@@ -13,7 +13,7 @@ from ..data.io import load_rows, save_rows
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.sketched import sketch_options
 from ..selection.superfiltering import superfiltering_select
-from .top import format_group_table, select_top
+from .top import check_columns, format_group_table, select_top
 
 
 def select_rows(dataset, score_column: str, fraction: float | None = None, k: int | None = None,
@@ -59,6 +59,34 @@ def drop_near_duplicates(dataset, threshold: float, score_column: str = DEFAULT_
         order = dataset.column_names
         dataset = dataset.remove_columns(score_column).add_column(score_column, scores).select_columns(order)
     return dataset, int(dup.sum())
+
+
+def pick_rows(scored, score_column: str, *, fraction: float | None = None, k: int | None = None,
+              group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None,
+              near_duplicates: float | None = None, sketch_stats: dict | None = None):
+    """The select stage's one rule, used by the `select` verb and by `run`: set near-duplicates aside
+    (``near_duplicates``: a sketch cosine, `drop_near_duplicates`), then keep the top ``fraction`` (or ``k``) by
+    ``score_column`` (`select_rows`: globally, per group or by quota; ``ifd`` by Superfiltering's rule). With
+    ``sketch_stats`` from `scores.sketched.sketch_options` that name a cluster column (``--diversity_clusters``),
+    the top of every cluster (or group x cluster cell) is kept instead.
+
+    Returns ``(positions, stats)``: the kept rows' positions in ``scored``, ascending, and the selection's stats
+    (with the sketch stats and ``num_near_duplicates_dropped`` when asked)."""
+    sketch_stats = dict(sketch_stats or {})
+    clusters = sketch_stats.pop("group_column", None)
+    if clusters is not None:
+        group_column, group_mode = clusters, "per_group"
+    check_columns(scored, score_column, group_column)  # before the helper column, which errors would list
+    rows = scored.add_column("_position", np.arange(len(scored)))
+    dropped = None
+    if near_duplicates is not None:
+        rows, dropped = drop_near_duplicates(rows, near_duplicates, score_column)
+    selected, stats = select_rows(rows, score_column, fraction=fraction, k=k, group_column=group_column,
+                                  group_mode=group_mode, quotas=quotas)
+    stats.update({**sketch_stats, "group_column": group_column})
+    if dropped is not None:
+        stats["num_near_duplicates_dropped"] = dropped
+    return np.sort(read_columns(selected, ["_position"])["_position"]), stats
 
 
 @dataclass
@@ -146,13 +174,14 @@ def select(args: SelectArguments):
         scored, args.scored, target_dataset=args.target_dataset, target_split=args.target_split,
         diversity_clusters=args.diversity_clusters, proxy_dir=args.proxy_dir, proxy_model=args.proxy_model,
         seed=args.seed, group_column=args.group_column if args.group_mode == "per_group" else None)
+    positions, stats = pick_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
+                                 group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None,
+                                 near_duplicates=args.drop_near_duplicates, sketch_stats=sketch_stats)
+    selected = scored.select(positions)
+    args.group_column = stats["group_column"]
     if args.diversity_clusters is not None:
-        args.group_column, args.group_mode = sketch_stats["group_column"], "per_group"
-    dropped = 0
-    if args.drop_near_duplicates is not None:
-        scored, dropped = drop_near_duplicates(scored, args.drop_near_duplicates, args.score_column)
-    selected, stats = select_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
-                                  group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None)
+        args.group_mode = "per_group"
+    dropped = stats.get("num_near_duplicates_dropped", 0)
     if args.group_mode == "quota":
         tag = f"quota_{args.group_column}_top{stats['num_selected']}"
     else:
@@ -160,8 +189,6 @@ def select(args: SelectArguments):
         tag = f"per_{args.group_column}_{tag}" if args.group_mode == "per_group" else tag
     if args.drop_near_duplicates is not None:
         tag += f"_nodup{args.drop_near_duplicates:g}"
-        stats["num_near_duplicates_dropped"] = dropped
-    stats.update({k: v for k, v in sketch_stats.items() if k != "group_column"})
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)),
                                          f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)

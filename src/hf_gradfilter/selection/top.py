@@ -179,6 +179,18 @@ def format_group_table(table: list[dict], group_column: str = "group") -> str:
     return "\n".join(lines)
 
 
+def check_columns(dataset, score_column: str, group_column: str | None = None) -> None:
+    """Refuse a score or group column the dataset lacks, naming its columns and the fix."""
+    if score_column not in dataset.column_names:
+        fix = ("score it with `hf-gradfilter score --extra_scores ifd` first" if score_column == "ifd"
+               else "score it first or pick another column")
+        raise ValueError(f"Score column {score_column!r} is not in the dataset (columns: {dataset.column_names}); "
+                         f"{fix}.")
+    if group_column is not None and group_column not in dataset.column_names:
+        raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
+                         f"{dataset.column_names}); pick the column that names each row's task or source.")
+
+
 def select_top(dataset, score_column: str = DEFAULT_SCORE, fraction: float | None = None, k: int | None = None,
                group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None):
     """The top rows of a scored `datasets.Dataset` by ``score_column``, in their original order.
@@ -188,20 +200,18 @@ def select_top(dataset, score_column: str = DEFAULT_SCORE, fraction: float | Non
     per-group table (`group_counts`). Returns ``(selected_dataset, stats)``; stats count the rows
     excluded for NaN/inf scores.
     """
-    if score_column not in dataset.column_names:
-        raise ValueError(
-            f"Score column {score_column!r} is not in the dataset (columns: {dataset.column_names}); "
-            "score it first or pick another column."
-        )
+    check_columns(dataset, score_column, group_column)
     scores = read_columns(dataset, [score_column])[score_column]  # as stored: float64 stays float64
+    feature = dataset.features[score_column]
+    kind = getattr(feature, "dtype", type(feature).__name__)
+    if scores.dtype.kind not in "biuf" and kind != "null":  # all null (NaN saved to JSON): refused below as NaN
+        raise ValueError(f"Score column {score_column!r} holds {kind} values, not numbers; rank by a numeric column "
+                         f"such as {DEFAULT_SCORE}.")
     if group_column is None:
         if group_mode != "global" or quotas:
             raise ValueError(f"group_mode={group_mode!r} and quotas need a group_column (e.g. 'task' or 'source').")
         chosen, stats = top_indices(scores, fraction=fraction, k=k)
     else:
-        if group_column not in dataset.column_names:
-            raise ValueError(f"Group column {group_column!r} is not in the dataset (columns: "
-                             f"{dataset.column_names}); pick the column that names each row's task or source.")
         chosen, stats = top_indices_by_group(scores, dataset[group_column], fraction=fraction, k=k,
                                              mode=group_mode, quotas=quotas)
         stats = {"group_column": group_column, **stats}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..data.formatting import DataFormatArguments
 from ..data.io import load_rows
+from ..proxy.model import load_causal_lm
 from .sft import default_lora_config, finetune
 
 
@@ -29,16 +30,13 @@ class FinetuneArguments(DataFormatArguments):
 
 def finetune_target(args: FinetuneArguments, config):
     """Fine-tune the target on a selected split with TRL's SFTTrainer + LoRA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not args.dataset_name:
         raise ValueError("Pass --dataset_name: the selected split written by `hf-gradfilter select`.")
     rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
     if len(rows) == 0:
         raise ValueError(f"The selected split {args.dataset_name!r} is empty: select a larger ratio.")
     remote = bool(config.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=remote)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=remote, dtype="auto")
+    model, tokenizer = load_causal_lm(args.model_name_or_path, trust_remote_code=remote, dtype="auto")
     targets = args.lora_target_modules
     lora = default_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
                                targets[0] if targets == ["all-linear"] else targets)

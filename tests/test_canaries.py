@@ -13,6 +13,8 @@ from hf_gradfilter.cli import main
 from hf_gradfilter.data.canaries import DAMAGE_KINDS, REFUSALS, canary_table, damage_text, make_canaries
 from hf_gradfilter.data.formatting import InstructionFormat
 
+pytestmark = pytest.mark.slow  # trains the proxy with canaries: `pytest -m 'not slow'` skips it
+
 
 def test_each_damage_kind_changes_the_response_as_documented():
     rng = random.Random(0)

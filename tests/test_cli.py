@@ -13,6 +13,8 @@ from datasets import load_from_disk
 from hf_gradfilter.cli import main
 from hf_gradfilter.demo.data import make_demo_dataset
 
+pytestmark = pytest.mark.slow  # each test trains through the CLI: `pytest -m 'not slow'` skips it
+
 TINY = ["--num_members", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--lora_r", "4",
         "--max_length", "256", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "1000"]
 DEMO = ["--demo_rows", "80", "--demo_pretrain_rows", "200", "--demo_pretrain_epochs", "1"]

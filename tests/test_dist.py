@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from launch import free_port
 
 from hf_gradfilter.dist import barrier, is_main_process, main_decides, world_size
+
+pytestmark = pytest.mark.slow  # torchrun: `pytest -m 'not slow'` skips it
 
 
 def _worker(rank: int, port: int, out: str) -> None:

@@ -16,6 +16,8 @@ from launch import launch
 
 from hf_gradfilter import GradientRecord, score_parts, top_indices
 
+pytestmark = pytest.mark.slow  # torchrun and resumed CLI runs: `pytest -m 'not slow'` skips it
+
 SCRIPT = str(Path(__file__).parent / "scripts" / "score_tiny.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

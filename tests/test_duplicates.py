@@ -79,6 +79,7 @@ def demo_with_paraphrases(demo_rows, tokenizer, tmp_path_factory):
     return rows, paraphrases, trainer.record
 
 
+@pytest.mark.slow
 def test_every_exact_repeat_of_the_demo_set_is_flagged(demo_with_paraphrases):
     rows, _, record = demo_with_paraphrases
     first, repeats = {}, []
@@ -94,6 +95,7 @@ def test_every_exact_repeat_of_the_demo_set_is_flagged(demo_with_paraphrases):
     assert min(u[i] @ u[first[tuple(rows[i].values())]] for i in repeats) > 0.9999  # same weights, same gradient
 
 
+@pytest.mark.slow
 def test_most_paraphrases_are_matched_to_their_original(demo_with_paraphrases):
     rows, paraphrases, record = demo_with_paraphrases
     nearest = near_duplicate_ids(record, threshold=1e-6)  # the most similar earlier row, whatever its cosine
@@ -102,6 +104,7 @@ def test_most_paraphrases_are_matched_to_their_original(demo_with_paraphrases):
     assert sum(flags[p] == i for p, i in paraphrases.items()) >= 0.5 * len(paraphrases)  # 13 of 20 here
 
 
+@pytest.mark.slow
 def test_score_with_sketches_then_select_drops_the_demo_repeats(tmp_path, capsys):
     from datasets import load_from_disk
     from test_cli import TINY
@@ -135,6 +138,7 @@ def test_score_with_sketches_then_select_drops_the_demo_repeats(tmp_path, capsys
     assert kept.column_names == scored.column_names
 
 
+@pytest.mark.slow
 def test_drop_near_duplicates_needs_a_record_with_sketches(tmp_path, capsys):
     from hf_gradfilter.selection.select import drop_near_duplicates
 

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,6 +15,8 @@ from launch import free_port
 
 from hf_gradfilter.proxy import merge
 from hf_gradfilter.proxy.record import GradientRecord
+
+pytestmark = pytest.mark.slow  # torchrun: `pytest -m 'not slow'` skips it
 
 N, M, E = 11, 2, 3
 

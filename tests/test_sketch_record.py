@@ -109,6 +109,7 @@ def test_unsupported_sketch_settings_are_refused(kw, match, tmp_path):
         GradFilterConfig(**{**args, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "snapshot"])
 def test_two_processes_give_the_single_process_sketches(mode, tmp_path):
     from test_distributed_and_resume import score

@@ -17,6 +17,8 @@ from test_sketch_record import DIM, assert_sketches, reference_sketches
 from hf_gradfilter import GradFilterTrainer, sketch_clusters, target_alignment
 from hf_gradfilter.proxy.probe import load_proxy, sketch_rows
 
+pytestmark = pytest.mark.slow  # trains the demo proxy and runs select/run: `pytest -m 'not slow'` skips it
+
 
 def test_target_alignment_is_the_member_mean_of_the_mean_cosine_with_the_target_rows():
     rng = np.random.default_rng(0)

@@ -17,6 +17,31 @@ MEMBER_PREFIX = "member_"
 
 
 
+def _check_local(name: str, flag: str) -> None:
+    looks_local = name.startswith((".", os.sep)) or name.count("/") > 1
+    if looks_local and not os.path.isdir(name):
+        raise FileNotFoundError(f"No model folder {name!r}: {flag} takes a folder saved with save_pretrained or a "
+                                "Hub model id (e.g. gpt2).")
+
+
+def check_causal_lm(name: str, flag: str, trust_remote_code: bool = False) -> None:
+    """Refuse a model that `load_causal_lm` could not load, before any heavy work, reading its config only: a
+    missing folder, a folder without a config, or a Hub id that cannot be reached (offline: not in the cache) is a
+    one-line `FileNotFoundError` naming ``flag``."""
+    from transformers import AutoConfig
+
+    _check_local(name, flag)
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise FileNotFoundError(f"The folder {name!r} ({flag}) holds no config.json: pass a folder saved with "
+                                "save_pretrained, or a Hub model id.")
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        raise FileNotFoundError(f"Cannot load the model {name!r} ({flag}): {detail}. Pass a folder saved with "
+                                "save_pretrained, or a Hub id you can reach (offline: one in the cache).") from err
+
+
 def load_causal_lm(name: str, flag: str = "--model_name_or_path", **model_kwargs):
     """``(model, tokenizer)`` of the causal LM ``name`` (a folder saved with ``save_pretrained`` or a Hub id). A
     missing folder or a model that cannot be fetched is a one-line `FileNotFoundError` naming ``flag``, not
@@ -24,10 +49,7 @@ def load_causal_lm(name: str, flag: str = "--model_name_or_path", **model_kwargs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     remote = model_kwargs.get("trust_remote_code", False)
-    looks_local = name.startswith((".", os.sep)) or name.count("/") > 1
-    if looks_local and not os.path.isdir(name):
-        raise FileNotFoundError(f"No model folder {name!r}: {flag} takes a folder saved with save_pretrained or a "
-                                "Hub model id (e.g. gpt2).")
+    _check_local(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
         return AutoModelForCausalLM.from_pretrained(name, **model_kwargs), tokenizer

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..data.io import load_rows
 from ..dist import barrier, is_main_process, main_decides
+from ..proxy.model import check_causal_lm
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
 from ..selection.select import pick_rows
@@ -255,6 +256,8 @@ def run(args: RunArguments, config) -> dict:
     if args.score_column is None:
         args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
     check_sketch_flags(args, config)
+    if not args.demo and not args.skip_finetune:  # the target is loaded after scoring: refuse a bad one now
+        check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
     out = os.path.abspath(config.output_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run_args.json"), "w") as f:

@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from hf_gradfilter.cli import main
@@ -63,6 +64,16 @@ def test_run_writes_every_stage_skips_finished_ones_and_redoes_only_what_a_new_r
                  "--output", str(verb_out)]) == 0
     by_verb, by_run = load_rows(str(verb_out)), load_rows(str(out / "select" / "neg_energy_token_top25pct" / "data"))
     assert len(by_run) == 20 and by_verb.to_pandas().equals(by_run.to_pandas())
+    # ... and the `finetune` verb given run's target settings trains the same adapter (one stage: finetune_target)
+    from safetensors.torch import load_file
+
+    assert main(["finetune", "--dataset_name", str(verb_out), "--model_name_or_path", str(out / "target_init"),
+                 "--output_dir", str(tmp_path / "verb_target"), "--max_steps", "2", "--learning_rate", "1e-2",
+                 "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_length", "256",
+                 "--use_cpu", "true", "--report_to", "none"]) == 0
+    by_verb = load_file(str(tmp_path / "verb_target" / "adapter_model.safetensors"))
+    by_run = load_file(str(out / "finetune" / "neg_energy_token_top25pct" / "adapter_model.safetensors"))
+    assert by_verb.keys() == by_run.keys() and all(torch.equal(by_verb[k], by_run[k]) for k in by_run)
 
     mtime = (out / "score" / "stage.json").stat().st_mtime_ns
     assert main(["run", "--config", str(config)]) == 0

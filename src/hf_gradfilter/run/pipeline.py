@@ -383,25 +383,21 @@ def _sft_overrides(args: RunArguments, config) -> dict:
             **{k: v for k, v in given.items() if v is not None}}
 
 
-def _target(args: RunArguments, out: str):
-    """The target model and tokenizer: ``--target_model``, or with --demo a tiny Llama saved once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _target_path(args: RunArguments, out: str) -> str:
+    """The target model: ``--target_model``, or with --demo a tiny Llama saved once under ``out``."""
+    if not args.demo:
+        return args.target_model
+    path = os.path.join(out, "target_init")
+    if main_decides(lambda: not os.path.exists(os.path.join(path, "config.json"))):  # rank 0 writes it
+        from ..demo.backbone import demo_proxy
+        from ..demo.tiny import tiny_llama
 
-    path = args.target_model
-    if args.demo:
-        path = os.path.join(out, "target_init")
-        if main_decides(lambda: not os.path.exists(os.path.join(path, "config.json"))):  # rank 0 writes it
-            from ..demo.backbone import demo_proxy
-            from ..demo.tiny import tiny_llama
-
-            _, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
-            if is_main_process():
-                tiny_llama(tokenizer, hidden_size=64, seed=0).save_pretrained(path)
-                tokenizer.save_pretrained(path)
-            barrier()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=args.trust_remote_code, dtype="auto")
-    return model, tokenizer
+        _, tokenizer = demo_proxy(seed=0, num_rows=args.demo_pretrain_rows, epochs=args.demo_pretrain_epochs)
+        if is_main_process():
+            tiny_llama(tokenizer, hidden_size=64, seed=0).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        barrier()
+    return path
 
 
 def _eval_rows(args: RunArguments):
@@ -417,38 +413,27 @@ def _eval_rows(args: RunArguments):
 
 
 def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out: str) -> dict:
-    import torch
+    """`finetuning.finetune.finetune_target` (the `finetune` verb's stage) with run's ``--target_*`` flags."""
+    from ..data.formatting import DataFormatArguments
+    from ..finetuning.finetune import FinetuneArguments, finetune_target
+    from ..finetuning.sft import sft_config
 
-    from ..finetuning.sft import default_lora_config, finetune, sft_config
-
-    rows = load_rows(os.path.join(selected_folder, "data"))
     eval_rows = _eval_rows(args)
     overrides = _sft_overrides(args, config)
     if eval_rows is not None:
         steps = args.target_eval_steps or (max(args.target_max_steps // 6, 1) if args.target_max_steps > 0 else None)
         overrides.update(eval_strategy="steps" if steps else "epoch", per_device_eval_batch_size=32,
                          **({"eval_steps": steps} if steps else {}))
-    cfg = sft_config(folder, **overrides)
-    torch.manual_seed(config.seed)
-    model, tokenizer = _target(args, out)
-    keep = [c for c in ("instruction", "input", "output", "prompt", "completion", "messages") if c in rows.column_names]
-    trainer = finetune(model, rows.select_columns(keep), args=cfg, processing_class=tokenizer,
-                       fmt=config.instruction_format, eval_dataset=eval_rows,
-                       peft_config=default_lora_config(args.target_lora_r, args.target_lora_alpha,
-                                                       args.target_lora_dropout))
-    history = trainer.state.log_history
+    data_format = {f.name: getattr(config, f.name) for f in dataclasses.fields(DataFormatArguments)}
+    target = FinetuneArguments(dataset_name=os.path.join(selected_folder, "data"),
+                               model_name_or_path=_target_path(args, out), lora_r=args.target_lora_r,
+                               lora_alpha=args.target_lora_alpha, lora_dropout=args.target_lora_dropout, **data_format)
+    trainer = finetune_target(target, sft_config(folder, trust_remote_code=args.trust_remote_code, **overrides),
+                              eval_rows=eval_rows)
     if not trainer.is_world_process_zero():
         return {}
-    with open(os.path.join(folder, "log_history.json"), "w") as f:
-        json.dump(history, f, indent=1)
-    metrics = {"train_rows": len(rows), "final_train_loss": next(
-        (h["loss"] for h in reversed(history) if "loss" in h), None)}
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    if evals:
-        metrics.update(final_eval_loss=evals[-1], best_eval_loss=min(evals))
-    with open(os.path.join(folder, "eval_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    return metrics
+    with open(os.path.join(folder, "eval_metrics.json")) as f:
+        return json.load(f)
 
 
 def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict, seed: int) -> dict:

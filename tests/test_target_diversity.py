@@ -221,9 +221,13 @@ def test_run_selects_for_a_target_by_clusters_without_near_duplicates_and_report
         scored=scored, selected=selected, settings=settings) or "https://hf.co/d/commit/1")
     out = tmp_path / "run"
     flags = [f"--{k}={v}" if not isinstance(v, list) else f"--{k}={v[0]}" for k, v in TINY_RUN.items()]
-    assert main(["run", *flags, "--output_dir", str(out), "--skip_finetune", "true", "--sketch_dim", "256",
-                 "--record_mode", "snapshot", "--target_dataset", str(scored_demo / "target.jsonl"),
-                 "--diversity_clusters", "4", "--drop_near_duplicates", "0.98", "--push_dataset_id", "me/d"]) == 0
+    sketch_flags = ["--output_dir", str(out), "--skip_finetune", "true", "--sketch_dim", "256",
+                    "--record_mode", "snapshot", "--target_dataset", str(scored_demo / "target.jsonl"),
+                    "--diversity_clusters", "4", "--drop_near_duplicates", "0.98", "--push_dataset_id", "me/d"]
+    assert main(["run", *flags, *sketch_flags]) == 0
+    # the sketch-derived columns are a fingerprinted stage: computed once, reused by another ratio's selection
+    assert json.loads((out / "stages.json").read_text())["columns"] == "ran"
+    assert json.loads((out / "columns" / "columns.json").read_text())["group_column"] == "sketch_cluster"
     stats = json.loads((out / "select" / "target_alignment_top25pct" / "stats.json").read_text())
     assert stats["group_column"] == "sketch_cluster" and stats["diversity"]["num_clusters"] == 4
     assert stats["target"]["target_rows"] == len((scored_demo / "target.jsonl").read_text().splitlines())
@@ -238,6 +242,9 @@ def test_run_selects_for_a_target_by_clusters_without_near_duplicates_and_report
                for split in pushed["selected"].values())
     assert pushed["settings"]["target_dataset"] == "target.jsonl"  # a local file: its name, not where it lives
     assert pushed["settings"]["diversity_clusters"] == 4
+    assert main(["run", *flags, *sketch_flags, "--ratio", "0.5"]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["columns"] == "skipped" and stages["select/target_alignment_top50pct"] == "ran"
     # without sketches, or without the last epoch's, a clear error before anything runs
     assert main(["run", *flags, "--output_dir", str(tmp_path / "r2"), "--diversity_clusters", "4"]) == 2
     assert "--diversity_clusters needs gradient sketches: add --sketch_dim 1024" in capsys.readouterr().err

@@ -4,11 +4,13 @@ Layout of ``--output_dir`` (every stage folder holds a ``stage.json``)::
 
     run_args.json                  the arguments of the last run (``hf-gradfilter report DIR`` reads them)
     score/                         members, gradient_record.safetensors, scored/, log_history.json
+    columns/                       scored/ with the sketch-derived columns, columns.json (only with
+                                   --target_dataset or --diversity_clusters; every ratio reuses it)
     select/<column>_top10pct/      the selected rows (save_to_disk) and stats.json
     select/random_top10pct/        a random subset of the same size (--baseline_random)
     finetune/<column>_top10pct/    the target's LoRA adapter, loss curves, eval_metrics.json
     push/                          the Hub commits (--push_dataset_id / --push_adapter_id)
-    report.md, report.html, report/   (`hf_gradfilter.report`)
+    report.md, report.html, report/   (`run.report`)
 
 **Skipping.** A stage's *fingerprint* is a hash of everything that decides its outputs: its own
 settings and the fingerprints of the stages it reads. ``stage.json`` is written with
@@ -41,8 +43,9 @@ from ..dist import barrier, is_main_process, main_decides
 from ..proxy.model import check_causal_lm
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
+from ..scores.sketched import CELL_COLUMN, CLUSTER_COLUMN, TARGET_COLUMN, sketch_options
 from ..selection.select import pick_rows
-from .sketches import check_sketch_flags, sketch_columns
+from .sketches import check_sketch_flags
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
@@ -270,6 +273,14 @@ def run(args: RunArguments, config) -> dict:
         "canaries": args.canaries})
     _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
+    columns_fp = None  # the sketch-derived columns: a stage of their own when a flag asks for them
+    if args.target_dataset is not None or args.diversity_clusters is not None:
+        columns = Stage("columns", os.path.join(out, "columns"), {
+            "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
+            "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
+            "group": args.group_column if args.group_mode == "per_group" else None})
+        _run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
+        scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
 
     selections = {}  # name -> (folder, fingerprint)
     for ratio in ratios:
@@ -278,8 +289,7 @@ def run(args: RunArguments, config) -> dict:
             stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
                 "group": [args.group_column, args.group_mode],
-                "sketch": [args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
-                           args.diversity_clusters, args.drop_near_duplicates],
+                "columns": columns_fp, "near_duplicates": args.drop_near_duplicates,
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
             _run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
@@ -296,10 +306,11 @@ def run(args: RunArguments, config) -> dict:
 
     if args.push_dataset_id or args.push_adapter_id:
         stage = Stage("push", os.path.join(out, "push"), {
-            "score": score_stage.fingerprint, "selections": {k: v[1] for k, v in selections.items()},
+            "score": score_stage.fingerprint, "columns": columns_fp,
+            "selections": {k: v[1] for k, v in selections.items()},
             "targets": sorted(targets), "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
             "private": args.hub_private})
-        _run_stage(stage, lambda: _push(args, score_stage.folder, selections, targets, config.seed), statuses)
+        _run_stage(stage, lambda: _push(args, score_stage.folder, scored_path, selections, targets), statuses)
     barrier()
     if not is_main_process():  # under torchrun / accelerate launch: the others helped score and fine-tune
         return statuses
@@ -349,7 +360,11 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
         stats = {"score_column": "random", "fraction": ratio, "num_rows": n, "num_selected": int(k), "seed": seed,
                  "per_group": args.group_column if args.group_mode == "per_group" else None}
     else:
-        scored, sketch_stats = sketch_columns(args, scored, scored_path, seed)
+        stats_path = os.path.join(os.path.dirname(scored_path), "columns.json")  # written by the columns stage
+        sketch_stats = {}
+        if os.path.exists(stats_path):
+            with open(stats_path) as f:
+                sketch_stats = json.load(f)
         positions, stats = pick_rows(scored, column, fraction=ratio, group_column=args.group_column,
                                      group_mode=args.group_mode, near_duplicates=args.drop_near_duplicates,
                                      sketch_stats=sketch_stats)
@@ -436,15 +451,27 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
         return json.load(f)
 
 
-def _push(args: RunArguments, score_folder: str, selections: dict, targets: dict, seed: int) -> dict:
+def _columns(scored_path: str, folder: str, args: RunArguments, seed: int) -> dict:
+    """The sketch-derived columns (`scores.sketched.sketch_options`: ``target_alignment``, the clusters) of every
+    scored row, saved once for every ratio's selection and the published splits: ``scored/`` and ``columns.json``
+    (their stats; ``group_column`` names the cluster column to select per group by)."""
+    scored, stats = sketch_options(
+        load_rows(scored_path), scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
+        diversity_clusters=args.diversity_clusters, seed=seed,
+        group_column=args.group_column if args.group_mode == "per_group" else None)
+    scored.save_to_disk(os.path.join(folder, "scored"))
+    with open(os.path.join(folder, "columns.json"), "w") as f:
+        json.dump(stats, f, indent=1, default=float)
+    return {"columns": [c for c in scored.column_names if c in (TARGET_COLUMN, CLUSTER_COLUMN, CELL_COLUMN)]}
+
+
+def _push(args: RunArguments, score_folder: str, scored_path: str, selections: dict, targets: dict) -> dict:
     from ..publish import hub
     from ..publish.push import split_name
 
     urls = {}
     if args.push_dataset_id:
-        scored = load_rows(os.path.join(score_folder, "scored"))
-        # the selections' sketch columns for every row, so that all splits share their columns
-        scored, _ = sketch_columns(args, scored, os.path.join(score_folder, "scored"), seed)
+        scored = load_rows(scored_path)  # with the selections' sketch columns, so that all splits share them
         selected = {split_name(name): load_rows(os.path.join(f, "data"))
                     for name, (f, _) in selections.items() if not name.startswith("random_")}
         ratio = min(float(r) for r in args.ratio)

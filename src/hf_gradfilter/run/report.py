@@ -50,7 +50,9 @@ def display_scale(values: np.ndarray, name: str, allow_log: bool = True):
     """How to show a column on a histogram axis: ``(transform, axis label)``.
 
     Positive columns (energies, variances) spanning more than 100x are shown as log10 (unless
-    ``allow_log`` is False: the score column, whose cut is read on its own scale); signed
+    ``allow_log`` is False: the score column, whose cut is read on its own scale); negative ones (the
+    negated energies, such as the default ``neg_energy_token``) spanning more than 100x as -log10(-x), which
+    keeps their order, so the cut stays where it is; signed
     columns with a heavy tail (max |x| over 1000x the median |x|, as G-SNR's division makes them)
     as sign(x) log10(1 + |x| / m), m = median |x|; others as they are.
     """
@@ -58,6 +60,8 @@ def display_scale(values: np.ndarray, name: str, allow_log: bool = True):
     v = v[np.isfinite(v)]
     if allow_log and v.size and (v > 0).all() and v.max() > 100 * v.min():
         return np.log10, f"log10 {name}"
+    if v.size and (v < 0).all() and v.min() < 100 * v.max():  # negated energies (neg_energy_token, ...)
+        return (lambda x: -np.log10(-x)), f"-log10(-{name})"
     m = float(np.median(np.abs(v))) if v.size else 0.0
     if v.size and m > 0 and np.abs(v).max() > 1000 * m:
         return (lambda x: np.sign(x) * np.log10(1 + np.abs(x) / m)), f"sign·log10(1+|{name}|/{m:.2g})"

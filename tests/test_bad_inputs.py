@@ -85,6 +85,15 @@ def mkdir(name: str) -> str:
     return name
 
 
+def finished_score_stage(folder: str) -> str:
+    """A run folder whose score stage finished with other inputs (another dataset and proxy model)."""
+    Path(folder, "score").mkdir(parents=True)
+    Path(folder, "score", "stage.json").write_text(json.dumps({
+        "stage": "score", "fingerprint": "0" * 16, "complete": True, "seconds": 5400,
+        "inputs": {"dataset": {"path": "alpaca.jsonl"}, "model": "gpt2"}}))
+    return folder
+
+
 CASES = [
     # ---- the data file
     Case("jsonl_bad_line", "A .jsonl file with a line that is not JSON (a missing quote)",
@@ -205,6 +214,11 @@ CASES = [
     Case("run_target_no_config", "`run --target_model` of a folder that holds no model",
          lambda: ["run", "--dataset_name", write("rows.jsonl", ROW), "--target_model", mkdir("llama")],
          "The folder 'llama' (--target_model) holds no config.json", "pass a folder saved with save_pretrained"),
+    Case("run_other_runs_folder", "`run --output_dir` of a folder holding another run's finished scoring",
+         lambda: ["run", "--dataset_name", write("rows.jsonl", ROW), "--skip_finetune", "true",
+                  "--output_dir", finished_score_stage("out")],
+         "--output_dir out holds a finished score stage of other settings (canaries, dataset",
+         "pass another --output_dir, or delete"),
     Case("report_not_a_run", "`report` of a folder that is not a run output",
          lambda: ["report", mkdir("notes")],
          "'notes' is not a `hf-gradfilter run` output dir (no run_args.json)", "pass the --output_dir of"),

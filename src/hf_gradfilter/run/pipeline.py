@@ -18,7 +18,9 @@ settings and the fingerprints of the stages it reads. ``stage.json`` is written 
 a rerun skips a stage whose ``stage.json`` is complete with the same fingerprint. So a rerun after
 a crash redoes only the unfinished stages (a killed scoring run resumes from its last checkpoint,
 ``--save_strategy steps``), and a new ``--ratio`` reuses the scoring run and redoes only selection
-and what follows. A stage whose inputs changed starts from an empty folder.
+and what follows. A stage whose inputs changed starts from an empty folder, except a *finished* score stage:
+a run whose scoring settings differ from those in ``--output_dir`` is refused (another run's hours of proxy
+training are not deleted silently); pass another folder or delete ``score/``.
 
 **Several processes** (``torchrun`` / ``accelerate launch``, the same flags): every process scores
 and fine-tunes (the Trainers split each batch among them); rank 0 alone selects, pushes, writes
@@ -153,6 +155,17 @@ class Stage:
         state = self._state()
         return bool(state.get("complete")) and state.get("fingerprint") == self.fingerprint
 
+    def changed_inputs(self) -> list[str]:
+        """The top-level inputs that differ from those of the run that wrote the folder."""
+        before = self._state().get("inputs", {})
+        now = json.loads(json.dumps(self.inputs, default=str))
+        return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+
+    def replaced_finished_work(self) -> bool:
+        """Whether starting this stage would delete a *complete* stage of other inputs."""
+        state = self._state()
+        return bool(state.get("complete")) and state.get("fingerprint") != self.fingerprint
+
     def start(self) -> None:
         """Mark the stage started; outputs of *other* inputs in its folder are removed first."""
         state = self._state()
@@ -262,15 +275,21 @@ def run(args: RunArguments, config) -> dict:
     if not args.demo and not args.skip_finetune:  # the target is loaded after scoring: refuse a bad one now
         check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
     out = os.path.abspath(config.output_dir)
+    score_stage = Stage("score", os.path.join(out, "score"), {
+        "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
+        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
+        "canaries": args.canaries})
+    if main_decides(score_stage.replaced_finished_work):  # never delete a finished scoring run silently
+        state = score_stage._state()
+        raise ValueError(
+            f"--output_dir {config.output_dir} holds a finished score stage of other settings "
+            f"({', '.join(score_stage.changed_inputs()) or 'inputs'} differ; it took {state.get('seconds', '?')} s): "
+            f"pass another --output_dir, or delete {score_stage.folder} to score again there.")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run_args.json"), "w") as f:
         json.dump({"run": dataclasses.asdict(args), "proxy": proxy_inputs(config)}, f, indent=1, default=str)
     statuses: dict[str, str] = {}
 
-    score_stage = Stage("score", os.path.join(out, "score"), {
-        "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
-        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
-        "canaries": args.canaries})
     _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
     columns_fp = None  # the sketch-derived columns: a stage of their own when a flag asks for them

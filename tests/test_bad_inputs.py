@@ -217,8 +217,11 @@ CASES = [
     Case("run_other_runs_folder", "`run --output_dir` of a folder holding another run's finished scoring",
          lambda: ["run", "--dataset_name", write("rows.jsonl", ROW), "--skip_finetune", "true",
                   "--output_dir", finished_score_stage("out")],
-         "--output_dir out holds a finished score stage of other settings (canaries, dataset",
-         "pass another --output_dir, or delete"),
+         "--output_dir out holds the score stage of another run (canaries, dataset", "it took 5400 s): pass "
+         "another --output_dir, or delete"),
+    Case("run_same_ratio_folder", "`run --ratio 0.12 0.124` (two ratios, one folder name)",
+         lambda: ["run", "--demo", "--ratio", "0.12", "0.124"],
+         "--ratio 0.12 0.124 name the same selection folder (top 12%)", "give ratios at least 0.01 apart"),
     Case("report_not_a_run", "`report` of a folder that is not a run output",
          lambda: ["report", mkdir("notes")],
          "'notes' is not a `hf-gradfilter run` output dir (no run_args.json)", "pass the --output_dir of"),

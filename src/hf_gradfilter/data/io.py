@@ -49,6 +49,8 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
             return load_dataset(builder, data_files=name, split="train")
         except StopIteration:  # datasets' json reader on a file with no rows
             raise ValueError(f"The dataset file {name!r} is empty: there is nothing to score.") from None
+        except OSError:  # the disk, the cache folder: not the file's fault; said as it is
+            raise
         except Exception as err:
             if ext == "jsonl":  # names the bad line; datasets' own error is a long pyarrow traceback
                 check_json_lines(name)
@@ -116,6 +118,7 @@ def check_json_file(path: str) -> None:
         first = text.lstrip().split("\n", 1)[0]
         if err.lineno > 1 and first.startswith("{") and first.rstrip().endswith("}"):
             check_json_lines(path)  # one object per line under a .json name: datasets reads that too
+            return  # valid JSON Lines: the caller reports datasets' own reason
         raise ValueError(f"{path!r} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). A "
                          ".json file holds one JSON list of objects, one per row; or use .jsonl, one object per "
                          "line.") from None

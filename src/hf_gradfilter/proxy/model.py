@@ -31,9 +31,12 @@ def check_causal_lm(name: str, flag: str, trust_remote_code: bool = False) -> No
     from transformers import AutoConfig
 
     _check_local(name, flag)
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))
+                                       for f in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(f"The folder {name!r} ({flag}) holds no config.json: pass a folder saved with "
                                 "save_pretrained, or a Hub model id.")
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):
+        return  # a PEFT adapter folder: transformers loads its base model too
     try:
         AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -18,9 +18,9 @@ settings and the fingerprints of the stages it reads. ``stage.json`` is written 
 a rerun skips a stage whose ``stage.json`` is complete with the same fingerprint. So a rerun after
 a crash redoes only the unfinished stages (a killed scoring run resumes from its last checkpoint,
 ``--save_strategy steps``), and a new ``--ratio`` reuses the scoring run and redoes only selection
-and what follows. A stage whose inputs changed starts from an empty folder, except a *finished* score stage:
-a run whose scoring settings differ from those in ``--output_dir`` is refused (another run's hours of proxy
-training are not deleted silently); pass another folder or delete ``score/``.
+and what follows. A stage whose inputs changed starts from an empty folder (the changed inputs are named),
+except the score stage of *another run*: a dataset or proxy model other than the one whose finished scoring
+(or checkpoint) is in ``--output_dir`` is refused, not deleted; pass another folder or delete ``score/``.
 
 **Several processes** (``torchrun`` / ``accelerate launch``, the same flags): every process scores
 and fine-tunes (the Trainers split each batch among them); rank 0 alone selects, pushes, writes
@@ -156,22 +156,36 @@ class Stage:
         return bool(state.get("complete")) and state.get("fingerprint") == self.fingerprint
 
     def changed_inputs(self) -> list[str]:
-        """The top-level inputs that differ from those of the run that wrote the folder."""
+        """The inputs that differ from those of the run that wrote the folder, one level into dicts
+        (``proxy.learning_rate``)."""
         before = self._state().get("inputs", {})
         now = json.loads(json.dumps(self.inputs, default=str))
-        return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        changed = []
+        for key in sorted(set(before) | set(now)):
+            a, b = before.get(key), now.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                changed.append(key)
+        return changed
 
-    def replaced_finished_work(self) -> bool:
-        """Whether starting this stage would delete a *complete* stage of other inputs."""
+    def holds_another_runs_work(self, keys: tuple[str, ...]) -> bool:
+        """Whether the folder holds work (finished, or a checkpoint to resume from) of a run whose ``keys``
+        inputs differ: starting this stage would delete another run's results."""
         state = self._state()
-        return bool(state.get("complete")) and state.get("fingerprint") != self.fingerprint
+        if not state or state.get("fingerprint") == self.fingerprint:
+            return False
+        started = bool(state.get("complete")) or any(
+            d.startswith("checkpoint-") for d in (os.listdir(self.folder) if os.path.isdir(self.folder) else []))
+        return started and any(c.split(".")[0] in keys for c in self.changed_inputs())
 
     def start(self) -> None:
         """Mark the stage started; outputs of *other* inputs in its folder are removed first."""
         state = self._state()
         if (state and state.get("fingerprint") != self.fingerprint and os.path.isdir(self.folder)
                 and is_main_process()):
-            print(f"[{self.name}] inputs changed since the last run: starting {self.folder} afresh")
+            print(f"[{self.name}] inputs changed since the last run ({', '.join(self.changed_inputs())}): "
+                  f"starting {self.folder} afresh")
             shutil.rmtree(self.folder)
         self._write(complete=False)
 
@@ -262,6 +276,11 @@ def run(args: RunArguments, config) -> dict:
 
     ratios = args.ratio if isinstance(args.ratio, (list, tuple)) else [args.ratio]  # `ratio: 0.1` in a YAML file
     ratios = list(dict.fromkeys(float(r) for r in ratios))
+    tags = [tag("x", r) for r in ratios]
+    if len(set(tags)) < len(tags):
+        same = sorted(r for r in ratios if tags.count(tag("x", r)) > 1)
+        raise ValueError(f"--ratio {' '.join(f'{r:g}' for r in same)} name the same selection folder (top "
+                         f"{round(same[0] * 100)}%): give ratios at least 0.01 apart.")
     for r in ratios:
         if not 0 < r <= 1:
             raise ValueError(f"ratio={r} is outside (0, 1]; use e.g. --ratio 0.05 0.1 0.15.")
@@ -279,12 +298,13 @@ def run(args: RunArguments, config) -> dict:
         "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
         "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
         "canaries": args.canaries})
-    if main_decides(score_stage.replaced_finished_work):  # never delete a finished scoring run silently
+    if main_decides(lambda: score_stage.holds_another_runs_work(("dataset", "model"))):  # another run's scoring
         state = score_stage._state()
+        took = f"it took {state['seconds']} s" if "seconds" in state else "unfinished, with a checkpoint"
         raise ValueError(
-            f"--output_dir {config.output_dir} holds a finished score stage of other settings "
-            f"({', '.join(score_stage.changed_inputs()) or 'inputs'} differ; it took {state.get('seconds', '?')} s): "
-            f"pass another --output_dir, or delete {score_stage.folder} to score again there.")
+            f"--output_dir {config.output_dir} holds the score stage of another run "
+            f"({', '.join(score_stage.changed_inputs())} differ; {took}): pass another --output_dir, or delete "
+            f"{score_stage.folder} to score again there.")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run_args.json"), "w") as f:
         json.dump({"run": dataclasses.asdict(args), "proxy": proxy_inputs(config)}, f, indent=1, default=str)
@@ -297,7 +317,7 @@ def run(args: RunArguments, config) -> dict:
         columns = Stage("columns", os.path.join(out, "columns"), {
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
             "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
-            "group": args.group_column if args.group_mode == "per_group" else None})
+            "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None})
         _run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
         scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
 
@@ -314,7 +334,7 @@ def run(args: RunArguments, config) -> dict:
             _run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
             selections[name] = (stage.folder, stage.fingerprint)
 
-    targets = {}
+    targets, target_fps = {}, {}
     if not args.skip_finetune:
         for name, (folder, select_fp) in selections.items():
             stage = Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
@@ -322,12 +342,13 @@ def run(args: RunArguments, config) -> dict:
             _run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
                        every_rank=True)
             targets[name] = stage.folder
+            target_fps[name] = stage.fingerprint
 
     if args.push_dataset_id or args.push_adapter_id:
         stage = Stage("push", os.path.join(out, "push"), {
             "score": score_stage.fingerprint, "columns": columns_fp,
             "selections": {k: v[1] for k, v in selections.items()},
-            "targets": sorted(targets), "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
+            "targets": target_fps, "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
             "private": args.hub_private})
         _run_stage(stage, lambda: _push(args, score_stage.folder, scored_path, selections, targets), statuses)
     barrier()
@@ -402,7 +423,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
 
 def _target_inputs(args: RunArguments) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
-            if f.name.startswith("target_") or f.name.startswith("eval_dataset")}
+            if f.name.startswith("target_") or f.name.startswith("eval_")}
 
 
 def _sft_overrides(args: RunArguments, config) -> dict:

@@ -139,6 +139,8 @@ def _load_run(out: str) -> dict:
     score = os.path.join(out, "score")
     run["score_state"] = _read_json(os.path.join(score, "stage.json"), {})
     scored = os.path.join(score, "scored")
+    if "columns" in run["stages"]:  # the run's sketch-derived columns (target_alignment, clusters) beside the scores
+        scored = os.path.join(out, "columns", "scored")
     run["scored"] = load_from_disk(scored) if os.path.isdir(scored) else None
     record = os.path.join(score, "gradient_record.safetensors")
     if os.path.exists(record):

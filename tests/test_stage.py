@@ -1,0 +1,42 @@
+"""`run`'s stage engine (`run.pipeline.Stage`): what a rerun may replace and what it must refuse."""
+
+from __future__ import annotations
+
+from hf_gradfilter.run.pipeline import Stage
+
+INPUTS = {"dataset": {"path": "a.jsonl", "sha256": "1"}, "model": "gpt2", "proxy": {"learning_rate": 5e-5, "seed": 0}}
+
+
+def finished(tmp_path, inputs=INPUTS, complete=True) -> Stage:
+    stage = Stage("score", str(tmp_path / "score"), inputs)
+    stage.start()
+    if complete:
+        stage.finish(seconds=5400)
+    return stage
+
+
+def other(tmp_path, **changes) -> Stage:
+    return Stage("score", str(tmp_path / "score"), {**INPUTS, **changes})
+
+
+def test_changed_inputs_are_named_one_level_into_dicts(tmp_path):
+    finished(tmp_path)
+    stage = other(tmp_path, proxy={"learning_rate": 2e-4, "seed": 0}, model="smollm2")
+    assert stage.changed_inputs() == ["model", "proxy.learning_rate"]
+
+
+def test_another_dataset_or_model_is_another_runs_work_a_proxy_setting_is_not(tmp_path):
+    finished(tmp_path)
+    keys = ("dataset", "model")
+    assert other(tmp_path, dataset={"path": "b.jsonl", "sha256": "2"}).holds_another_runs_work(keys)
+    assert other(tmp_path, model="smollm2").holds_another_runs_work(keys)
+    assert not other(tmp_path, proxy={"learning_rate": 2e-4, "seed": 0}).holds_another_runs_work(keys)
+    assert not other(tmp_path).holds_another_runs_work(keys)  # the same run: skipped, not refused
+
+
+def test_an_unfinished_stage_counts_only_with_a_checkpoint_to_resume(tmp_path):
+    stage = finished(tmp_path, complete=False)
+    changed = other(tmp_path, model="smollm2")
+    assert not changed.holds_another_runs_work(("model",))
+    (tmp_path / "score" / "checkpoint-40").mkdir()
+    assert stage.folder == changed.folder and changed.holds_another_runs_work(("model",))

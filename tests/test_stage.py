@@ -1,8 +1,8 @@
-"""`run`'s stage engine (`run.pipeline.Stage`): what a rerun may replace and what it must refuse."""
+"""`run`'s stage engine (`run.engine.Stage`): what a rerun may replace and what it must refuse."""
 
 from __future__ import annotations
 
-from hf_gradfilter.run.pipeline import Stage
+from hf_gradfilter.run.engine import Stage
 
 INPUTS = {"dataset": {"path": "a.jsonl", "sha256": "1"}, "model": "gpt2", "proxy": {"learning_rate": 5e-5, "seed": 0}}
 

@@ -24,17 +24,14 @@ except the score stage of *another run*: a dataset or proxy model other than the
 
 **Several processes** (``torchrun`` / ``accelerate launch``, the same flags): every process scores
 and fine-tunes (the Trainers split each batch among them); rank 0 alone selects, pushes, writes
-stage files and the report, and the others wait at a barrier before each stage (`_run_stage`).
+stage files and the report, and the others wait at a barrier before each stage (`engine.run_stage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -47,6 +44,7 @@ from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
 from ..scores.sketched import CELL_COLUMN, CLUSTER_COLUMN, TARGET_COLUMN, sketch_options
 from ..selection.select import pick_rows
+from .engine import Stage, named_dataset_identity, run_stage
 from .sketches import check_sketch_flags
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -127,136 +125,12 @@ and in docs/quality.md the per-task cut trained a better target than the global 
 
 # ---- stages -------------------------------------------------------------------------------------
 
-def fingerprint(inputs: dict) -> str:
-    """A short, stable hash of JSON-able ``inputs`` (keys sorted)."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Stage:
-    """One stage's folder and fingerprint; `done` says whether it can be skipped."""
-
-    name: str
-    folder: str
-    inputs: dict
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.inputs)
-
-    def _state(self) -> dict:
-        try:
-            with open(os.path.join(self.folder, "stage.json")) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
-    def done(self) -> bool:
-        state = self._state()
-        return bool(state.get("complete")) and state.get("fingerprint") == self.fingerprint
-
-    def changed_inputs(self) -> list[str]:
-        """The inputs that differ from those of the run that wrote the folder, one level into dicts
-        (``proxy.learning_rate``)."""
-        before = self._state().get("inputs", {})
-        now = json.loads(json.dumps(self.inputs, default=str))
-        changed = []
-        for key in sorted(set(before) | set(now)):
-            a, b = before.get(key), now.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
-                changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            elif a != b:
-                changed.append(key)
-        return changed
-
-    def holds_another_runs_work(self, keys: tuple[str, ...]) -> bool:
-        """Whether the folder holds work (finished, or a checkpoint to resume from) of a run whose ``keys``
-        inputs differ: starting this stage would delete another run's results."""
-        state = self._state()
-        if not state or state.get("fingerprint") == self.fingerprint:
-            return False
-        started = bool(state.get("complete")) or any(
-            d.startswith("checkpoint-") for d in (os.listdir(self.folder) if os.path.isdir(self.folder) else []))
-        return started and any(c.split(".")[0] in keys for c in self.changed_inputs())
-
-    def start(self) -> None:
-        """Mark the stage started; outputs of *other* inputs in its folder are removed first."""
-        state = self._state()
-        if (state and state.get("fingerprint") != self.fingerprint and os.path.isdir(self.folder)
-                and is_main_process()):
-            print(f"[{self.name}] inputs changed since the last run ({', '.join(self.changed_inputs())}): "
-                  f"starting {self.folder} afresh")
-            shutil.rmtree(self.folder)
-        self._write(complete=False)
-
-    def finish(self, **outputs) -> None:
-        self._write(complete=True, **outputs)
-
-    def _write(self, **state) -> None:
-        if not is_main_process():
-            return
-        os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, "stage.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"stage": self.name, "fingerprint": self.fingerprint, "inputs": self.inputs,
-                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **state}, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written stage.json
-
-
-def _run_stage(stage: Stage, work, statuses: dict, every_rank: bool = False) -> dict:
-    """Skip ``stage`` if done, else run ``work()`` (returns a dict of outputs to record). Returns its state.
-
-    Under several processes every process calls this for every stage, in the same order: rank 0
-    decides whether it is done and tells the others (`dist.main_decides`), and ``work`` runs on
-    every process when ``every_rank`` (the training stages: scoring, fine-tuning), else on rank 0
-    alone while the others wait at the next stage's barrier (within the process group's timeout,
-    ``--ddp_timeout``, 1800 s by default: raise it when rank 0's own work, such as ``--extra_scores
-    ifd`` with a large model, takes longer).
-    """
-    done = main_decides(stage.done)
-    main = is_main_process()
-    if done:
-        if main:
-            print(f"[{stage.name}] up to date, skipped ({stage.folder})")
-        statuses[stage.name] = "skipped"
-        return stage._state()
-    if main:
-        print(f"[{stage.name}] running -> {stage.folder}")
-    stage.start()
-    barrier()  # the folder is clean before anyone writes to it
-    t0 = time.time()
-    outputs = (work() if every_rank or main else None) or {}
-    stage.finish(seconds=round(time.time() - t0, 1), **outputs)
-    statuses[stage.name] = "ran"
-    return stage._state()
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dataset_identity(args: RunArguments) -> dict:
     """What identifies the rows to score: the demo's settings, a local file's content hash, or the Hub id."""
     if args.demo:
         return {"demo_rows": args.demo_rows, "demo_pretrain_rows": args.demo_pretrain_rows,
                 "demo_pretrain_epochs": args.demo_pretrain_epochs}
     return named_dataset_identity(args.dataset_name, args.dataset_config, args.dataset_split)
-
-
-def named_dataset_identity(name: str | None, config: str | None = None, split: str = "train") -> dict:
-    """A local file's content hash, a saved dataset's fingerprint, or the Hub id, config and split."""
-    if name and os.path.isfile(name):
-        return {"file_sha256": _file_sha256(name)}
-    if name and os.path.isdir(name):
-        state = os.path.join(name, "state.json")
-        if os.path.exists(state):
-            with open(state) as f:
-                return {"saved_fingerprint": json.load(f).get("_fingerprint"), "path": os.path.abspath(name)}
-    return {"dataset": name, "config": config, "split": split}
 
 
 def proxy_inputs(config) -> dict:
@@ -310,7 +184,7 @@ def run(args: RunArguments, config) -> dict:
         json.dump({"run": dataclasses.asdict(args), "proxy": proxy_inputs(config)}, f, indent=1, default=str)
     statuses: dict[str, str] = {}
 
-    _run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
+    run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
     columns_fp = None  # the sketch-derived columns: a stage of their own when a flag asks for them
     if args.target_dataset is not None or args.diversity_clusters is not None:
@@ -318,7 +192,7 @@ def run(args: RunArguments, config) -> dict:
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
             "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
             "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None})
-        _run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
+        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
         scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
 
     selections = {}  # name -> (folder, fingerprint)
@@ -331,7 +205,7 @@ def run(args: RunArguments, config) -> dict:
                 "columns": columns_fp, "near_duplicates": args.drop_near_duplicates,
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None})
-            _run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
+            run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
             selections[name] = (stage.folder, stage.fingerprint)
 
     targets, target_fps = {}, {}
@@ -339,7 +213,7 @@ def run(args: RunArguments, config) -> dict:
         for name, (folder, select_fp) in selections.items():
             stage = Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
                 "select": select_fp, "target": _target_inputs(args), "seed": config.seed})
-            _run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
+            run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
                        every_rank=True)
             targets[name] = stage.folder
             target_fps[name] = stage.fingerprint
@@ -350,7 +224,7 @@ def run(args: RunArguments, config) -> dict:
             "selections": {k: v[1] for k, v in selections.items()},
             "targets": target_fps, "dataset_id": args.push_dataset_id, "adapter_id": args.push_adapter_id,
             "private": args.hub_private})
-        _run_stage(stage, lambda: _push(args, score_stage.folder, scored_path, selections, targets), statuses)
+        run_stage(stage, lambda: _push(args, score_stage.folder, scored_path, selections, targets), statuses)
     barrier()
     if not is_main_process():  # under torchrun / accelerate launch: the others helped score and fine-tune
         return statuses

@@ -43,6 +43,7 @@ def main():
         rows = rows.select(range(cli.num_rows))
     proxy = AutoModelForCausalLM.from_pretrained("gpt2")
     proxy_tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    # the paper's rate 5e-5 (our default is 2e-4: README, "Read this first")
     args = GradFilterConfig(output_dir="alpaca-gsnr-proxy", num_members=5, num_train_epochs=2, learning_rate=5e-5,
                             per_device_train_batch_size=16, max_length=512, bf16=True, logging_steps=50)
     trainer = GradFilterTrainer(proxy, args=args, train_dataset=rows, processing_class=proxy_tokenizer)

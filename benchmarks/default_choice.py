@@ -77,28 +77,36 @@ def _rows(path: Path, source: str) -> list[dict]:
              "output": (r.get("output") or "").strip(), "source": source} for r in json.loads(path.read_text())]
 
 
-def other_pools(tokenizer, pool1: list[dict], *, n_clean: int, per_damage: int, max_row_tokens: int,
-                seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Pools 2 and 3: rows of neither pool 1 nor each other, at most ``max_row_tokens`` tokens."""
+def _fresh(rows: list[dict], used: set, tokenizer, max_row_tokens: int) -> list[dict]:
+    """Rows with an answer, not in ``used`` (by text or instruction) and at most ``max_row_tokens`` tokens; each
+    kept row joins ``used``."""
+    out = []
+    for r in rows:
+        k, ins = rq._key(r), r["instruction"].lower()
+        if not r["output"] or k in used or ins in used:
+            continue
+        if len(tokenizer(f"{r['instruction']}\n{r['input']}\n{r['output']}").input_ids) > max_row_tokens:
+            continue
+        used.update((k, ins))
+        out.append(r)
+    return out
+
+
+def _unused_rows(tokenizer, pool1: list[dict], max_row_tokens: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """The early and cherry lists in a seeded order, without pool 1's rows (by text or instruction), rows without
+    an answer and rows over ``max_row_tokens`` tokens."""
     used = {rq._key(r) for r in pool1} | {r["instruction"].lower() for r in pool1}
     early = _rows(rq.SHARED / "train" / "stanford_alpaca_5000.json", "alpaca_early")
     cherry = _rows(rq.SHARED / "train" / "alpaca_cherry_5pct.json", "cherry")
     for i, rows in enumerate((early, cherry)):
         random.Random(seed + 100 + i).shuffle(rows)
+    return tuple(_fresh(rows, used, tokenizer, max_row_tokens) for rows in (early, cherry))
 
-    def fresh(rows):
-        out = []
-        for r in rows:
-            k, ins = rq._key(r), r["instruction"].lower()
-            if not r["output"] or k in used or ins in used:
-                continue
-            if len(tokenizer(f"{r['instruction']}\n{r['input']}\n{r['output']}").input_ids) > max_row_tokens:
-                continue
-            used.update((k, ins))
-            out.append(r)
-        return out
 
-    early, cherry = fresh(early), fresh(cherry)
+def other_pools(tokenizer, pool1: list[dict], *, n_clean: int, per_damage: int, max_row_tokens: int,
+                seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Pools 2 and 3: rows of neither pool 1 nor each other, at most ``max_row_tokens`` tokens."""
+    early, cherry = _unused_rows(tokenizer, pool1, max_row_tokens, seed)
     faults = [r for r in early if natural_fault(r)]
     early = [r for r in early if not natural_fault(r)]
     cherry = [r for r in cherry if not natural_fault(r)]
@@ -110,6 +118,24 @@ def other_pools(tokenizer, pool1: list[dict], *, n_clean: int, per_damage: int, 
     clean3 = [r for pair in zip(rest[:half], cherry[:half]) for r in pair]
     pool3 = _assemble(clean3, cherry[half:half + n_dmg], cherry[half + n_dmg:], faults[1::2], seed=seed + 3)
     return pool2, pool3
+
+
+def fourth_pool(tokenizer, pool1: list[dict], *, n_clean: int, per_damage: int, max_row_tokens: int,
+                seed: int = 0) -> list[dict]:
+    """Pool 4 (a second confirmation, added after the rule had chosen, ~1,000 rows): rows no other pool used or
+    lent (pools 2 and 3's clean rows, damaged rows and the first donors of each list are skipped, with a margin
+    of 50), with (n) the natural faults of the *cherry* list (pools 2 and 3 took the early list's) and (b) the
+    seven damage kinds on other rows (a fourth seed)."""
+    early, cherry = _unused_rows(tokenizer, pool1, max_row_tokens, seed)  # the lists other_pools drew from
+    faults = [r for r in cherry if natural_fault(r)]
+    n_dmg23 = 6 * len(rq.DAMAGE)
+    early = [r for r in early if not natural_fault(r)][200 + 2 * n_dmg23 + 20 + 100 + 50:]
+    cherry = [r for r in cherry if not natural_fault(r)][100 + 2 * n_dmg23 + 50:]
+    rest = [r for pair in zip(early, cherry) for r in pair]
+    n_dmg = per_damage * len(rq.DAMAGE)
+    if len(rest) < n_clean + 2 * n_dmg:
+        raise SystemExit(f"pool 4 needs {n_clean + 2 * n_dmg} unused rows, {len(rest)} are left")
+    return _assemble(rest[:n_clean], rest[n_clean:n_clean + n_dmg], rest[n_clean + n_dmg:], faults, seed=seed + 4)
 
 
 def _assemble(clean: list[dict], to_damage: list[dict], donors: list[dict], faults: list[dict],
@@ -138,7 +164,11 @@ def build_pools(tokenizer, args) -> dict[str, list[dict]]:
     # rows the pool-1 builder looked at (clean, damaged, donors and spares) are off limits for pools 2 and 3
     pool2, pool3 = other_pools(tokenizer, pool1 + candidates[:400], n_clean=args.clean,
                                per_damage=args.per_damage, max_row_tokens=args.max_row_tokens)
-    return {"1": pool1, "2": pool2, "3": pool3}
+    pools = {"1": pool1, "2": pool2, "3": pool3}
+    if "4" in (*args.pools, args.pool) or args.command == "report":
+        pools["4"] = fourth_pool(tokenizer, pool1 + candidates[:400], n_clean=900, per_damage=20,
+                                 max_row_tokens=args.max_row_tokens)
+    return pools
 
 
 # ------------------------------------------------------------------------------------ scoring ----
@@ -537,7 +567,7 @@ def render_downstream(down: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("command", choices=["pools", "score", "report", "downstream"])
-    p.add_argument("--pools", nargs="+", default=["1", "2"], choices=["1", "2", "3"])
+    p.add_argument("--pools", nargs="+", default=["1", "2"], choices=["1", "2", "3", "4"])
     p.add_argument("--clean", type=int, default=200, help="clean rows of pools 2 and 3")
     p.add_argument("--per_damage", type=int, default=6, help="rows per damage kind in pools 2 and 3")
     p.add_argument("--max_row_tokens", type=int, default=128)
@@ -549,7 +579,7 @@ def main(argv=None):
     p.add_argument("--early", type=int, default=0, help="early epoch s (default: the one before the last)")
     p.add_argument("--work_dir", default="runs/default_choice")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "default_choice"), help="<out>.md / <out>.json")
-    p.add_argument("--pool", default="3", choices=["1", "2", "3"], help="downstream: the pool to select from")
+    p.add_argument("--pool", default="3", choices=["1", "2", "3", "4"], help="downstream: the pool to select from")
     p.add_argument("--scores", nargs="+", default=["fit_rank"], help="downstream: keep-scores to fine-tune on")
     p.add_argument("--subset_rows", type=int, default=100)
     p.add_argument("--random_seeds", type=int, nargs="*", default=[0, 1, 2])

@@ -244,3 +244,17 @@ def test_float64_scores_are_read_as_stored_whatever_the_datasets_format(format_t
     assert list(top.with_format(None)["gsnr"]) == [1.0 + 2**-30] and stats["threshold"] == 1.0 + 2**-30
     kept, _ = superfiltering_select(rows, fraction=0.34)
     assert list(kept.with_format(None)["ifd"]) == [1 - 2**-30]
+
+
+def test_pick_rows_returns_a_selection_of_ascending_positions_and_its_stats(mixture):
+    from hf_gradfilter import Selection, pick_rows
+
+    scores, groups = mixture
+    scored = Dataset.from_dict({"score": scores, "task": groups.tolist()})
+    picked = pick_rows(scored, "score", fraction=0.1, group_column="task", group_mode="per_group")
+    assert isinstance(picked, Selection)
+    chosen, _ = top_indices_by_group(scores, groups, fraction=0.1, mode="per_group")
+    np.testing.assert_array_equal(picked.positions, np.sort(chosen))
+    assert picked.stats["num_selected"] == 100 and picked.stats["group_column"] == "task"
+    positions, stats = picked  # still unpacks as the (positions, stats) pair
+    assert stats is picked.stats

@@ -19,7 +19,7 @@ MAX_LINES = 500
 # target alignment, clusters, near-duplicate flags: all that needs the proxy), `selection` only picks rows from
 # columns, `finetuning` trains and judges the target, `publish` talks to the Hub, `run` orders the stages and
 # writes the report, `cli` parses flags. The package root re-exports the public API (the floor of `run`).
-LAYERS = {"data": 0, "dist": 0, "plots": 0, "proxy": 1, "demo": 1, "scores": 2, "selection": 3,
+LAYERS = {"data": 0, "dist": 0, "lora": 0, "plots": 0, "proxy": 1, "demo": 1, "scores": 2, "selection": 3,
           "finetuning": 4, "publish": 4, "run": 5, "": 5, "cli": 6}
 
 

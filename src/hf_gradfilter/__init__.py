@@ -8,6 +8,7 @@ The public API, re-exported from one subpackage ("room") per stage, each importi
 from .data.formatting import InstructionFormat, tokenize_dataset
 from .finetuning import pairwise as judge
 from .finetuning.sft import finetune, sft_config
+from .lora import LoraArguments
 from .proxy.config import GradFilterConfig
 from .proxy.model import build_ensemble, per_example_loss
 from .proxy.norms import LoraNormRecorder, sq_norms
@@ -30,6 +31,7 @@ from .scores.scorers import (
     score_dataset,
 )
 from .scores.sweep_grid import sweep_record
+from .selection.select import Selection, pick_rows
 from .selection.superfiltering import superfiltering_select
 from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
 
@@ -51,6 +53,7 @@ __all__ = [
     "GSNRScorer",
     "group_counts",
     "InstructionFormat",
+    "LoraArguments",
     "LoraNormRecorder",
     "near_duplicate_ids",
     "near_duplicates",
@@ -66,6 +69,8 @@ __all__ = [
     "score_columns",
     "score_dataset",
     "score_parts",
+    "Selection",
+    "pick_rows",
     "select_top",
     "sketch_clusters",
     "sweep_record",

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 from ..data.formatting import DataFormatArguments
 from ..data.io import load_rows
+from ..lora import LoraArguments
 from ..proxy.model import load_causal_lm
-from .sft import default_lora_config, finetune
+from .sft import finetune
 
 
 @dataclass
-class FinetuneArguments(DataFormatArguments):
-    """The target model, its LoRA, and the selected split to train on."""
+class FinetuneArguments(LoraArguments, DataFormatArguments):
+    """The target model, its LoRA (`LoraArguments`), and the selected split to train on."""
 
     dataset_name: str | None = field(
         default=None, metadata={"help": "The selected split: a folder written by `select`, a file, or a Hub id."})
@@ -23,11 +24,6 @@ class FinetuneArguments(DataFormatArguments):
     dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub / DatasetDict)."})
     model_name_or_path: str = field(default="meta-llama/Llama-2-7b-hf",
                                     metadata={"help": "Target causal LM: Hub id or local path."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the target adapter."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the target adapter."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the target adapter."})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
-                                           metadata={"help": "Modules that get LoRA ('all-linear' or names)."})
 
 
 def finetune_target(args: FinetuneArguments, config, eval_rows=None):
@@ -46,9 +42,7 @@ def finetune_target(args: FinetuneArguments, config, eval_rows=None):
     torch.manual_seed(config.seed)  # the adapter's initialisation
     model, tokenizer = load_causal_lm(args.model_name_or_path, trust_remote_code=bool(config.trust_remote_code),
                                       dtype="auto")
-    targets = args.lora_target_modules
-    lora = default_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
-                               targets[0] if targets == ["all-linear"] else targets)
+    lora = LoraArguments.from_fields(args).to_peft_config()
     trainer = finetune(model, rows, args=config, peft_config=lora, processing_class=tokenizer,
                        fmt=args.instruction_format, eval_dataset=eval_rows)
     if trainer.is_world_process_zero():

@@ -30,6 +30,7 @@ from ..data.formatting import (
     _text,
     check_tokenizer,
 )
+from ..lora import LoraArguments
 
 logger = logging.get_logger(__name__)
 
@@ -74,11 +75,9 @@ def to_sft_rows(dataset, fmt: InstructionFormat | None = None):
     return rows.remove_columns("_empty")
 
 
-def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                        target_modules: str | list[str] = "all-linear") -> LoraConfig:
-    """The target's LoRA: rank 16 on every linear layer (a common 7B recipe)."""
-    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=target_modules)
+def default_lora_config() -> LoraConfig:
+    """The target's LoRA: `LoraArguments`' defaults, rank 16 on every linear layer (a common 7B recipe)."""
+    return LoraArguments().to_peft_config()
 
 
 def sft_defaults(gpu: bool | None = None) -> dict:

@@ -7,10 +7,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from ..lora import LoraArguments
 from .config import GradFilterConfig
 
 MEMBER_PREFIX = "member_"
@@ -116,12 +117,7 @@ def head_splits(lm) -> bool:
 def build_ensemble(model: PreTrainedModel, args: GradFilterConfig) -> PeftModel:
     """Wrap a frozen causal LM in ``args.num_members`` LoRA adapters, member m seeded ``seed + m``."""
     init = {"true": True, "false": False}.get(str(args.init_lora_weights).lower(), args.init_lora_weights)
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
+    config = LoraArguments.from_fields(args).to_peft_config(
         init_lora_weights=init,
         fan_in_fan_out=any(isinstance(mod, Conv1D) for mod in model.modules()),  # GPT-2 stores W transposed
     )

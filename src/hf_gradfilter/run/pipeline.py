@@ -39,6 +39,7 @@ import numpy as np
 
 from ..data.io import load_rows
 from ..dist import barrier, is_main_process, main_decides
+from ..lora import LoraArguments
 from ..proxy.model import check_causal_lm
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
@@ -87,9 +88,10 @@ class RunArguments(ScoreArguments):
     skip_finetune: bool = field(default=False, metadata={"help": "Stop after selection (and the report)."})
     target_model: str = field(default="meta-llama/Llama-2-7b-hf", metadata={
         "help": "Target causal LM to fine-tune on each selection (with --demo: a tiny Llama built offline)."})
-    target_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the target adapter."})
-    target_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the target adapter."})
-    target_lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the target adapter."})
+    target_lora_r: int = LoraArguments.prefixed_field("lora_r")
+    target_lora_alpha: int = LoraArguments.prefixed_field("lora_alpha")
+    target_lora_dropout: float = LoraArguments.prefixed_field("lora_dropout")
+    target_lora_target_modules: list[str] | None = LoraArguments.prefixed_field("lora_target_modules")
     target_learning_rate: float | None = field(default=None, metadata={"help": "Target learning rate (2e-4)."})
     target_num_train_epochs: float | None = field(default=None, metadata={"help": "Target epochs (3)."})
     target_max_steps: int = field(default=-1, metadata={"help": "Target optimizer steps (overrides epochs if > 0)."})
@@ -355,8 +357,8 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
                          **({"eval_steps": steps} if steps else {}))
     data_format = {f.name: getattr(config, f.name) for f in dataclasses.fields(DataFormatArguments)}
     target = FinetuneArguments(dataset_name=os.path.join(selected_folder, "data"),
-                               model_name_or_path=_target_path(args, out), lora_r=args.target_lora_r,
-                               lora_alpha=args.target_lora_alpha, lora_dropout=args.target_lora_dropout, **data_format)
+                               model_name_or_path=_target_path(args, out),
+                               **vars(LoraArguments.from_fields(args, prefix="target_")), **data_format)
     trainer = finetune_target(target, sft_config(folder, trust_remote_code=args.trust_remote_code, **overrides),
                               eval_rows=eval_rows)
     if not trainer.is_world_process_zero():

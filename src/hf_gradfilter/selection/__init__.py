@@ -1,5 +1,5 @@
 """Stage 4, the selection: the top rows by a score, globally, per group or by quota (`top`, pure
-index arithmetic), and the select stage over a scored dataset (`stage`)."""
+index arithmetic), and the select stage over a scored dataset (`select`: `pick_rows`, the `select` verb)."""
 
 from .top import format_group_table, group_counts, select_top, top_indices, top_indices_by_group
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,6 +62,14 @@ def drop_near_duplicates(dataset, threshold: float, score_column: str = DEFAULT_
     return dataset, int(dup.sum())
 
 
+class Selection(NamedTuple):
+    """What the select stage returns (`pick_rows`): the kept rows' ``positions`` in the scored dataset, ascending
+    ``(n_kept,)`` int64, and the selection's ``stats`` (counts, thresholds, the rule used, what was set aside)."""
+
+    positions: np.ndarray
+    stats: dict
+
+
 def pick_rows(scored, score_column: str, *, fraction: float | None = None, k: int | None = None,
               group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None,
               near_duplicates: float | None = None, sketch_stats: dict | None = None):
@@ -70,8 +79,8 @@ def pick_rows(scored, score_column: str, *, fraction: float | None = None, k: in
     ``sketch_stats`` from `scores.sketched.sketch_options` that name a cluster column (``--diversity_clusters``),
     the top of every cluster (or group x cluster cell) is kept instead.
 
-    Returns ``(positions, stats)``: the kept rows' positions in ``scored``, ascending, and the selection's stats
-    (with the sketch stats and ``num_near_duplicates_dropped`` when asked)."""
+    Returns a `Selection` ``(positions, stats)``: the kept rows' positions in ``scored``, ascending, and the
+    selection's stats (with the sketch stats and ``num_near_duplicates_dropped`` when asked)."""
     sketch_stats = dict(sketch_stats or {})
     clusters = sketch_stats.pop("group_column", None)
     if clusters is not None:
@@ -86,7 +95,7 @@ def pick_rows(scored, score_column: str, *, fraction: float | None = None, k: in
     stats.update({**sketch_stats, "group_column": group_column})
     if dropped is not None:
         stats["num_near_duplicates_dropped"] = dropped
-    return np.sort(read_columns(selected, ["_position"])["_position"]), stats
+    return Selection(np.sort(read_columns(selected, ["_position"])["_position"]), stats)
 
 
 @dataclass

@@ -247,7 +247,8 @@ def cmd_score(args, tokenizer, model_dir, pools, work: Path) -> None:
 
 # ------------------------------------------------------------------------------------- report ----
 
-RULE_FAMILIES = {"1": ("weak", "damage"), "2": ("natural", "damage"), "3": ("natural", "damage")}
+RULE_FAMILIES = {"1": ("weak", "damage"), "2": ("natural", "damage"), "3": ("natural", "damage"),
+                 "4": ("natural", "damage")}
 AUROC_MIN = 0.55
 CANDIDATES = ("fit_rank", "gsnr", "rel_drop", "raw_drop", "var_drop", "neg_grad_late", "neg_var_late", "neg_loss_late",
               "cos_late", "gsnr_dir", "ambiguity", "confidence", "mid_loss", "mid_loss_energy", "mid_base_loss",
@@ -326,6 +327,8 @@ def decide(dets: dict[str, dict]) -> dict:
     out["chosen"] = chosen
     if "3" in dets:
         out["confirmed"] = {c: passes(dets["3"][c], RULE_FAMILIES["3"]) for c in CANDIDATES}
+    if "4" in dets:  # the second confirmation (1,054 rows), added after the rule had chosen: reported, not used
+        out["confirmed_4"] = {c: passes(dets["4"][c], RULE_FAMILIES["4"]) for c in CANDIDATES}
     if "3" not in dets:
         out["default"], out["how"] = None, "pending: pool 3 (the confirmation) is not scored yet"
     elif chosen and out["confirmed"][chosen]:
@@ -343,7 +346,7 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
 
     tag = recipe_tag(args)
     dets, checks, seconds = {}, {}, {}
-    for name in ("1", "2", "3"):
+    for name in ("1", "2", "3", "4"):
         path = work / f"pool{name}_{tag}.json"
         if not path.exists():
             continue
@@ -362,7 +365,7 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
         raise SystemExit(f"pools 1 and 2 must be scored with {tag} first (have: {sorted(dets)}).")
     decision = decide(dets)
     others = {}  # every other recipe or proxy seed scored in `work`: measured beside the rule, not used by it
-    for path in sorted(work.glob("pool[123]_lr*_e*_s*_m*.json")):
+    for path in sorted(work.glob("pool[1234]_lr*_e*_s*_m*.json")):
         name, other = path.stem.split("_", 1)
         name = name.removeprefix("pool")
         if other == tag:
@@ -410,24 +413,26 @@ def render(res: dict) -> str:
         lines.append(f"| {p} | {rows} | {' -> '.join(f'{v:.3f}' for v in c['loss_per_epoch'])} | "
                      f"{change(c['loss_drop'])} | {c['energy_fell']:.0%} | {c['member_spread']:.3f} | {c['verdict']} | "
                      f"{res['proxy_seconds'][p] / 60:.1f} |")
-    cols = [(p, f) for p in ("1", "2", "3") if p in dets for f in RULE_FAMILIES[p]]
+    cols = [(p, f) for p in ("1", "2", "3", "4") if p in dets for f in RULE_FAMILIES[p]]
     lines += ["", "## Detection: AUROC of ranking clean rows above each family's bad rows", "",
-              "Pools 1 and 2 choose, pool 3 confirms. `mean`/`worst`: over the four choosing cells. "
+              "Pools 1 and 2 choose, pool 3 confirms; pool 4 (1,054 rows, built after the choice) confirms again "
+              "and is reported only. `mean`/`worst`: over the four choosing cells. "
               f"`q`: qualifies (AUROC ≥ {AUROC_MIN} and clean@10 above the pool's share in every choosing cell); "
-              "`c`: passes the same tests on pool 3. Sorted by `mean`.", "",
+              "`c`: passes the same tests on pool 3 (pool 4). Sorted by `mean`.", "",
               "| keep-score | " + " | ".join(f"pool {p} {LABEL[f]}" for p, f in cols)
-              + " | mean | worst | q | pool 3 c | pool 1 (c) dup |",
-              "|---|" + "---|" * (len(cols) + 5)]
+              + " | mean | worst | q | pool 3 c | pool 4 c | pool 1 (c) dup |",
+              "|---|" + "---|" * (len(cols) + 6)]
     names = sorted([*CANDIDATES, "random"], key=lambda c: -d["mean"].get(c, 0.5))
     def mark(p, f, c):
         bold = "**" if dets[p][c][f] >= AUROC_MIN else ""
         return f"{bold}{_f(dets[p][c][f])}{bold}"
 
     for c in names:
-        conf = d.get("confirmed", {}).get(c)
+        conf, conf4 = (d.get(k, {}).get(c) for k in ("confirmed", "confirmed_4"))
+        yes = lambda v: '' if v is None else ('yes' if v else 'no')  # noqa: E731
         lines.append(f"| `{c}` | " + " | ".join(mark(p, f, c) for p, f in cols)
                      + f" | {_f(d['mean'].get(c, np.nan))} | {_f(d['worst'].get(c, np.nan))} | "
-                     f"{'yes' if c in d['qualify'] else ''} | {'' if conf is None else ('yes' if conf else 'no')} | "
+                     f"{'yes' if c in d['qualify'] else ''} | {yes(conf)} | {yes(conf4)} | "
                      f"{_f(dets['1'][c].get('duplicate', np.nan))} |")
     lines += ["", "### Share of clean rows in the top 10% (per family: clean + that family's bad rows)", "",
               "| keep-score | " + " | ".join(f"pool {p} {LABEL[f]}" for p, f in cols) + " |",
@@ -447,6 +452,10 @@ def render(res: dict) -> str:
               f"- Qualified on pools 1 and 2: {', '.join(f'`{c}`' for c in d['qualify']) or 'none'}.",
               f"- Chosen: {'`' + d['chosen'] + '`' if d['chosen'] else 'none'}.",
               f"- Default: **`{d['default']}`** ({d['how']})." if d["default"] else f"- Default: {d['how']}."]
+    if d.get("confirmed_4") and d["default"]:
+        ok = d["confirmed_4"][d["default"]]
+        lines.append(f"- Pool 4 (second confirmation, not used by the rule): `{d['default']}` "
+                     + ("passes" if ok else "fails") + " the same tests.")
     if res.get("others"):
         lines.append(render_others(res))
     if res.get("downstream"):

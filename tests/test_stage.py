@@ -40,3 +40,16 @@ def test_an_unfinished_stage_counts_only_with_a_checkpoint_to_resume(tmp_path):
     assert not changed.holds_another_runs_work(("model",))
     (tmp_path / "score" / "checkpoint-40").mkdir()
     assert stage.folder == changed.folder and changed.holds_another_runs_work(("model",))
+
+
+def test_the_score_fingerprint_ignores_tracking_and_eval_fields_and_keeps_training_ones(tmp_path):
+    from hf_gradfilter import GradFilterConfig
+    from hf_gradfilter.run.pipeline import proxy_inputs
+
+    base = dict(output_dir=str(tmp_path), use_cpu=True)
+    same = proxy_inputs(GradFilterConfig(**base))
+    assert proxy_inputs(GradFilterConfig(**base, per_device_eval_batch_size=64, trackio_space_id="me/space",
+                                         logging_steps=3, project="other", skip_memory_metrics=False)) == same
+    for change in ({"learning_rate": 1e-3}, {"seed": 7}, {"per_device_train_batch_size": 2}, {"lora_r": 4},
+                   {"warmup_steps": 5}):
+        assert proxy_inputs(GradFilterConfig(**base, **change)) != same, change

@@ -51,7 +51,13 @@ from .sketches import check_sketch_flags
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
                "resume_from_checkpoint", "overwrite_output_dir", "dataloader_", "log_level", "eval_", "tqdm",
-               "include_", "torch_compile", "ddp_", "fsdp", "deepspeed", "accelerator_config", "debug")
+               "include_", "torch_compile", "ddp_", "fsdp", "deepspeed", "accelerator_config", "debug",
+               # evaluation, tracking and bookkeeping: the proxy is never evaluated, and these change no weight
+               "trackio_", "project", "per_device_eval", "bf16_full_eval", "fp16_full_eval", "batch_eval_metrics",
+               "do_eval", "do_predict", "do_train", "greater_is_better", "load_best_model_at_end",
+               "metric_for_best_model", "prediction_loss_only", "log_on_each_node", "local_rank",
+               "skip_memory_metrics", "restore_callback_states_from_checkpoint", "torch_empty_cache_steps",
+               "enable_jit_checkpoint")
 
 
 @dataclass

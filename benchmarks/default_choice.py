@@ -4,6 +4,7 @@
     python benchmarks/default_choice.py score --pools 1 2 3       # proxies, one at a time (~25 min a pool, 2 cores)
     python benchmarks/default_choice.py report                    # candidates, detection, the rule's decision
     python benchmarks/default_choice.py downstream --scores X     # pool 3: top 100 by X, 3 random 100s, all rows
+    python benchmarks/default_choice.py report --lr 2e-4 --out docs/real_quality  # the default's recipe
 
 Three pools of real Alpaca rows (SmolLM2-135M-Instruct as the frozen proxy, M LoRA members, the library's
 recording pass; nothing from the Hub), each with other sources of badness:

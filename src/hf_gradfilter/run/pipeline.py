@@ -88,6 +88,9 @@ class RunArguments(ScoreArguments):
     drop_near_duplicates: float | None = field(default=None, metadata={
         "help": "Never select rows whose gradient sketch has cosine >= this with an earlier row's (needs "
                 "--sketch_dim)."})
+    features: str = field(default="sketch", metadata={
+        "help": "What --target_dataset and --diversity_clusters compare: 'sketch' (needs --sketch_dim) or "
+                "'embedding' (mean hidden states under the proxy's frozen backbone, RDS+; see `select --help`)."})
     baseline_random: bool = field(default=False, metadata={
         "help": "Also fine-tune the target on a random subset of the same size (seeded; with --group_mode "
                 "per_group, as many rows of each group as the selection kept), for comparison."})
@@ -199,7 +202,8 @@ def run(args: RunArguments, config) -> dict:
         columns = Stage("columns", os.path.join(out, "columns"), {
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
             "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
-            "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None})
+            "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None,
+            **({"features": args.features} if args.features != "sketch" else {})})
         run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
         scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
 
@@ -380,7 +384,7 @@ def _columns(scored_path: str, folder: str, args: RunArguments, seed: int) -> di
     scored, stats = sketch_options(
         load_rows(scored_path), scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
         diversity_clusters=args.diversity_clusters, seed=seed,
-        group_column=args.group_column if args.group_mode == "per_group" else None)
+        group_column=args.group_column if args.group_mode == "per_group" else None, features=args.features)
     scored.save_to_disk(os.path.join(folder, "scored"))
     with open(os.path.join(folder, "columns.json"), "w") as f:
         json.dump(stats, f, indent=1, default=float)

@@ -146,6 +146,10 @@ class SelectArguments:
     proxy_model: str | None = field(default=None, metadata={
         "help": "The proxy's base model for --target_dataset (default: the one the score run recorded)."})
     seed: int = field(default=0, metadata={"help": "Seed of the k-means clustering (--diversity_clusters)."})
+    features: str = field(default="sketch", metadata={
+        "help": "What --target_dataset and --diversity_clusters compare: 'sketch' (the rows' gradient sketches; "
+                "needs `score --sketch_dim`) or 'embedding' (the rows' mean hidden state over their response under "
+                "the proxy's frozen backbone, RDS+; a forward pass at select time, no sketches needed)."})
 
 
 def parse_quotas(items: list[str]) -> dict[str, int | float]:
@@ -182,7 +186,8 @@ def select(args: SelectArguments):
     scored, sketch_stats = sketch_options(
         scored, args.scored, target_dataset=args.target_dataset, target_split=args.target_split,
         diversity_clusters=args.diversity_clusters, proxy_dir=args.proxy_dir, proxy_model=args.proxy_model,
-        seed=args.seed, group_column=args.group_column if args.group_mode == "per_group" else None)
+        seed=args.seed, group_column=args.group_column if args.group_mode == "per_group" else None,
+        features=args.features)
     positions, stats = pick_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
                                  group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None,
                                  near_duplicates=args.drop_near_duplicates, sketch_stats=sketch_stats)
@@ -198,6 +203,8 @@ def select(args: SelectArguments):
         tag = f"per_{args.group_column}_{tag}" if args.group_mode == "per_group" else tag
     if args.drop_near_duplicates is not None:
         tag += f"_nodup{args.drop_near_duplicates:g}"
+    if args.features == "embedding" and (args.target_dataset or args.diversity_clusters is not None):
+        tag += "_emb"
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)),
                                          f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
@@ -208,7 +215,9 @@ def select(args: SelectArguments):
               "with an earlier row; never selected, still counted in --ratio).")
     if "target" in stats:
         t = stats["target"]
-        print(f"Target alignment against {t['target_rows_sketched']} of {t['target_rows']} target rows "
+        used = t.get("target_rows_sketched", t.get("target_rows_embedded"))
+        how = " (embeddings)" if args.features == "embedding" else ""
+        print(f"Target alignment{how} against {used} of {t['target_rows']} target rows "
               f"(mean {t['alignment_mean']:.4f}) -> column target_alignment.")
     if args.group_column is not None:
         print(f"Rows kept per {args.group_column!r} ({args.group_mode}):")

@@ -12,7 +12,9 @@ mode, ``sketch_dim``) on ``--rows`` demo rows (12 task families, 20% corrupted):
 - diversity: the top 10% by ``fit_rank`` globally, per sketch cluster (k-means, ``--clusters``), and per
   task (the oracle grouping the sketches stand in for): tasks covered, the smallest task's share of the
   selection against its share of the data, the corrupted share;
-- near-duplicates: of the rows that repeat an earlier row exactly, the share flagged at each cosine.
+- near-duplicates: of the rows that repeat an earlier row exactly, the share flagged at each cosine;
+- the same target and cluster selections from representation features instead of sketches (``--features
+  embedding``: mean hidden states over the response under the frozen backbone, `proxy.embeddings`), side by side.
 
 Downstream (the first seed): a tiny Llama target is fine-tuned with the same recipe as
 ``benchmarks/quality.py`` on each diversity subset and on random rows (held-out loss on clean rows of
@@ -32,6 +34,7 @@ import numpy as np
 from hf_gradfilter import GradFilterConfig, GradFilterTrainer, score_dataset, sketch_clusters, target_alignment
 from hf_gradfilter.demo import demo_proxy
 from hf_gradfilter.demo.data import make_demo_dataset
+from hf_gradfilter.proxy.embeddings import embed_rows
 from hf_gradfilter.proxy.probe import sketch_rows
 from hf_gradfilter.scores.duplicates import nearest_earlier, record_sketches
 from hf_gradfilter.selection import top_indices, top_indices_by_group
@@ -103,19 +106,30 @@ def main():
         record = trainer.record
         sk = np.asarray(record_sketches(record))[np.argsort(record.example_id)]
         fit = np.asarray(score_dataset(rows, record)["fit_rank"], float)
-        res = {"seed": seed, "proxy_seconds": time.time() - t0, "target": {}, "diversity": {}, "duplicates": {}}
+        proxy_seconds, t_emb = time.time() - t0, time.time()
+        emb = embed_rows(trainer, rows)[:, None]  # (N, 1, d): one "member"
+        emb_seconds = time.time() - t_emb
+        res = {"seed": seed, "proxy_seconds": proxy_seconds, "embedding_seconds": emb_seconds, "target": {},
+               "diversity": {}, "duplicates": {}}
         for task, target in targets.items():
             align = target_alignment(sk, sketch_rows(trainer, target))
-            idx = top10(align)
+            align_e = target_alignment(emb, embed_rows(trainer, target)[:, None])
+            idx, idx_e = top10(align), top10(align_e)
             base = float(np.mean(tasks == task))
             res["target"][task] = {"share": float(np.mean(tasks[idx] == task)), "base_rate": base,
+                                   "embedding_share": float(np.mean(tasks[idx_e] == task)),
                                    "fit_rank_share": float(np.mean(tasks[top10(fit)] == task)),
-                                   "corrupted_share": float(corrupted[idx].mean()), "align": align.tolist()}
+                                   "corrupted_share": float(corrupted[idx].mean()),
+                                   "embedding_corrupted_share": float(corrupted[idx_e].mean()),
+                                   "align": align.tolist(), "align_emb": align_e.tolist()}
         res["diversity"]["fit_rank global"] = coverage(top10(fit), tasks, corrupted)
         res["diversity"]["fit_rank per task (oracle)"] = coverage(top10(fit, tasks), tasks, corrupted)
         clusters = {k: sketch_clusters(sk, k, seed=seed) for k in args.clusters}
+        emb_clusters = {k: sketch_clusters(emb, k, seed=seed) for k in args.clusters}
         for k, labels in clusters.items():
             res["diversity"][f"fit_rank per cluster (k={k})"] = coverage(top10(fit, labels), tasks, corrupted)
+            res["diversity"][f"fit_rank per embedding cluster (k={k})"] = coverage(top10(fit, emb_clusters[k]), tasks,
+                                                                                  corrupted)
         rng = np.random.default_rng(seed)
         res["diversity"]["random"] = coverage(np.sort(rng.choice(len(rows), round(0.1 * len(rows)), replace=False)),
                                               tasks, corrupted)
@@ -131,6 +145,7 @@ def main():
             down = {}
             sub = {"fit_rank global": top10(fit), "fit_rank per task (oracle)": top10(fit, tasks),
                    **{f"fit_rank per cluster (k={k})": top10(fit, c) for k, c in clusters.items()},
+                   **{f"fit_rank per embedding cluster (k={k})": top10(fit, c) for k, c in emb_clusters.items()},
                    "random": np.sort(np.random.default_rng(0).choice(len(rows), round(0.1 * len(rows)),
                                                                      replace=False))}
             every = held_out.select_columns(FIELDS).select(range(300))
@@ -139,8 +154,11 @@ def main():
             for task in args.downstream_targets:
                 mine = held_out.select(np.flatnonzero(np.asarray(held_out["task"]) == task)).select_columns(FIELDS)
                 align = np.asarray(res["target"][task]["align"])
+                align_e = np.asarray(res["target"][task]["align_emb"])
                 down[task] = {"target_alignment": finetune_loss(rows, top10(align), mine, tokenizer, args.target_steps,
                                                                 f"t_{task}"),
+                              "target_alignment (embedding)": finetune_loss(rows, top10(align_e), mine, tokenizer,
+                                                                            args.target_steps, f"e_{task}"),
                               "random": finetune_loss(rows, sub["random"], mine, tokenizer, args.target_steps,
                                                       f"r_{task}"),
                               "fit_rank global": finetune_loss(rows, sub["fit_rank global"], mine, tokenizer,
@@ -148,9 +166,12 @@ def main():
             res["downstream"] = down
             print(json.dumps(down, indent=1), flush=True)
         for t in res["target"].values():
-            del t["align"]
+            del t["align"], t["align_emb"]
         out["seeds"].append(res)
         share = [v["share"] / v["base_rate"] for v in res["target"].values()]
+        share_e = [v["embedding_share"] / v["base_rate"] for v in res["target"].values()]
+        print(f"[seed {seed}] embeddings: target share / base rate: mean {np.mean(share_e):.2f} "
+              f"(min {np.min(share_e):.2f}), {emb_seconds:.1f}s", flush=True)
         print(f"[seed {seed}] {res['proxy_seconds']:.0f}s; target share / base rate: mean {np.mean(share):.2f} "
               f"(min {np.min(share):.2f}); diversity {json.dumps(res['diversity'])}; dup {res['duplicates']}",
               flush=True)

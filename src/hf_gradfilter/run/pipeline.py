@@ -405,6 +405,8 @@ def _push(args: RunArguments, score_folder: str, scored_path: str, selections: d
                   if getattr(args, k) is not None}
         if args.target_dataset and os.path.exists(args.target_dataset):  # a local path: its name, not where it lives
             sketch["target_dataset"] = os.path.basename(os.path.normpath(args.target_dataset))
+        if args.features != "sketch" and (args.target_dataset or args.diversity_clusters is not None):
+            sketch["features"] = args.features
         settings = hub.selection_settings(score_folder, score_column=args.score_column, ratio=ratio, **sketch)
         info = hub.push_dataset_repo(args.push_dataset_id, scored, selected, settings=settings,
                                      private=args.hub_private, source_dataset=None if args.demo else args.dataset_name)

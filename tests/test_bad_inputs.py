@@ -177,6 +177,10 @@ CASES = [
     Case("no_sketch_columns", "`--drop_near_duplicates` on data scored without sketches",
          lambda: select("--drop_near_duplicates", "0.98"), "needs the column sketch_nearest_cos",
          "score --sketch_dim 1024"),
+    Case("bad_jaccard", "`--drop_text_duplicates 2` (not a Jaccard similarity)", lambda: select(
+        "--drop_text_duplicates", "2"), "--drop_text_duplicates 2.0", "give a Jaccard similarity in (0, 1], e.g. 0.7"),
+    Case("no_text_columns", "`--drop_text_duplicates` on data without instruction, prompt or messages columns",
+         lambda: select("--drop_text_duplicates", "0.7"), "Cannot tell the dataset format", "Rename the columns"),
     Case("quota_syntax", "`--quota code:2` (a colon, not =)",
          lambda: select("--group_column", "task", "--group_mode", "quota", "--quota", "code:2"),
          "Bad quota 'code:2'", "write GROUP=N"),

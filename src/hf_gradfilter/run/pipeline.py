@@ -4,8 +4,9 @@ Layout of ``--output_dir`` (every stage folder holds a ``stage.json``)::
 
     run_args.json                  the arguments of the last run (``hf-gradfilter report DIR`` reads them)
     score/                         members, gradient_record.safetensors, scored/, log_history.json
-    columns/                       scored/ with the sketch-derived columns, columns.json (only with
-                                   --target_dataset or --diversity_clusters; every ratio reuses it)
+    columns/                       scored/ with the sketch-derived and text-duplicate columns, columns.json
+                                   (only with --target_dataset, --diversity_clusters or --drop_text_duplicates;
+                                   every ratio reuses it)
     select/<column>_top10pct/      the selected rows (save_to_disk) and stats.json
     select/random_top10pct/        a random subset of the same size (--baseline_random)
     finetune/<column>_top10pct/    the target's LoRA adapter, loss curves, eval_metrics.json
@@ -43,6 +44,8 @@ from ..proxy.model import check_causal_lm
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
 from ..scores.sketched import CELL_COLUMN, CLUSTER_COLUMN, TARGET_COLUMN, sketch_options
+from ..scores.text_duplicates import COLUMN as TEXT_DUP_COLUMN
+from ..scores.text_duplicates import JACCARD_COLUMN, add_text_duplicate_columns, check_text_duplicates, text_settings
 from ..selection.select import pick_rows
 from .engine import Stage, named_dataset_identity, run_stage
 from .sketches import check_sketch_flags
@@ -81,6 +84,9 @@ class RunArguments(ScoreArguments):
     drop_near_duplicates: float | None = field(default=None, metadata={
         "help": "Never select rows whose gradient sketch has cosine >= this with an earlier row's (needs "
                 "--sketch_dim)."})
+    drop_text_duplicates: float | None = field(default=None, metadata={
+        "help": "Never select rows whose text has word 5-gram Jaccard similarity >= this (e.g. 0.7) with an earlier "
+                "row's (MinHash LSH; see `select --help`; needs `pip install 'hf-gradfilter[dedup]'`)."})
     baseline_random: bool = field(default=False, metadata={
         "help": "Also fine-tune the target on a random subset of the same size (seeded; with --group_mode "
                 "per_group, as many rows of each group as the selection kept), for comparison."})
@@ -165,6 +171,8 @@ def run(args: RunArguments, config) -> dict:
     if args.score_column is None:
         args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
     check_sketch_flags(args, config)
+    if args.drop_text_duplicates is not None:
+        check_text_duplicates(args.drop_text_duplicates, "--drop_text_duplicates")
     if not args.demo and not args.skip_finetune:  # the target is loaded after scoring: refuse a bad one now
         check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
     out = os.path.abspath(config.output_dir)
@@ -186,13 +194,16 @@ def run(args: RunArguments, config) -> dict:
 
     run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
-    columns_fp = None  # the sketch-derived columns: a stage of their own when a flag asks for them
-    if args.target_dataset is not None or args.diversity_clusters is not None:
+    columns_fp = None  # the sketch-derived and text-duplicate columns: a stage of their own when a flag asks for them
+    text = None if args.drop_text_duplicates is None else text_settings(args.drop_text_duplicates,
+                                                                        config.instruction_format)
+    if args.target_dataset is not None or args.diversity_clusters is not None or text is not None:
         columns = Stage("columns", os.path.join(out, "columns"), {
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
             "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
-            "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None})
-        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
+            "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None,
+            **({"text_duplicates": text} if text is not None else {})})  # absent when off: older runs stay done
+        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config), statuses)
         scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
 
     selections = {}  # name -> (folder, fingerprint)
@@ -204,7 +215,8 @@ def run(args: RunArguments, config) -> dict:
                 "group": [args.group_column, args.group_mode],
                 "columns": columns_fp, "near_duplicates": args.drop_near_duplicates,
                 "seed": config.seed if column == "random" else None,
-                "match": args.score_column if column == "random" else None})
+                "match": args.score_column if column == "random" else None,
+                **({"text_duplicates": args.drop_text_duplicates} if text is not None else {})})
             run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
             selections[name] = (stage.folder, stage.fingerprint)
 
@@ -281,7 +293,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
                 sketch_stats = json.load(f)
         positions, stats = pick_rows(scored, column, fraction=ratio, group_column=args.group_column,
                                      group_mode=args.group_mode, near_duplicates=args.drop_near_duplicates,
-                                     sketch_stats=sketch_stats)
+                                     text_duplicates=args.drop_text_duplicates, sketch_stats=sketch_stats)
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)
     np.save(os.path.join(folder, "positions.npy"), positions.astype(np.int64))
@@ -365,18 +377,23 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
         return json.load(f)
 
 
-def _columns(scored_path: str, folder: str, args: RunArguments, seed: int) -> dict:
-    """The sketch-derived columns (`scores.sketched.sketch_options`: ``target_alignment``, the clusters) of every
-    scored row, saved once for every ratio's selection and the published splits: ``scored/`` and ``columns.json``
-    (their stats; ``group_column`` names the cluster column to select per group by)."""
+def _columns(scored_path: str, folder: str, args: RunArguments, config) -> dict:
+    """The sketch-derived columns (`scores.sketched.sketch_options`: ``target_alignment``, the clusters) and the
+    text near-duplicate columns (`scores.text_duplicates.add_text_duplicate_columns`, with --drop_text_duplicates)
+    of every scored row, saved once for every ratio's selection and the published splits: ``scored/`` and
+    ``columns.json`` (their stats; ``group_column`` names the cluster column to select per group by)."""
     scored, stats = sketch_options(
         load_rows(scored_path), scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
-        diversity_clusters=args.diversity_clusters, seed=seed,
+        diversity_clusters=args.diversity_clusters, seed=config.seed,
         group_column=args.group_column if args.group_mode == "per_group" else None)
+    if args.drop_text_duplicates is not None:
+        scored, text_stats = add_text_duplicate_columns(scored, args.drop_text_duplicates, config.instruction_format)
+        stats.update(text_stats)
     scored.save_to_disk(os.path.join(folder, "scored"))
     with open(os.path.join(folder, "columns.json"), "w") as f:
         json.dump(stats, f, indent=1, default=float)
-    return {"columns": [c for c in scored.column_names if c in (TARGET_COLUMN, CLUSTER_COLUMN, CELL_COLUMN)]}
+    made = (TARGET_COLUMN, CLUSTER_COLUMN, CELL_COLUMN, TEXT_DUP_COLUMN, JACCARD_COLUMN)
+    return {"columns": [c for c in scored.column_names if c in made]}
 
 
 def _push(args: RunArguments, score_folder: str, scored_path: str, selections: dict, targets: dict) -> dict:
@@ -389,8 +406,8 @@ def _push(args: RunArguments, score_folder: str, scored_path: str, selections: d
         selected = {split_name(name): load_rows(os.path.join(f, "data"))
                     for name, (f, _) in selections.items() if not name.startswith("random_")}
         ratio = min(float(r) for r in args.ratio)
-        sketch = {k: getattr(args, k) for k in ("target_dataset", "diversity_clusters", "drop_near_duplicates")
-                  if getattr(args, k) is not None}
+        sketch = {k: getattr(args, k) for k in ("target_dataset", "diversity_clusters", "drop_near_duplicates",
+                                                "drop_text_duplicates") if getattr(args, k) is not None}
         if args.target_dataset and os.path.exists(args.target_dataset):  # a local path: its name, not where it lives
             sketch["target_dataset"] = os.path.basename(os.path.normpath(args.target_dataset))
         settings = hub.selection_settings(score_folder, score_column=args.score_column, ratio=ratio, **sketch)

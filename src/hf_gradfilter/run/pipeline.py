@@ -21,7 +21,8 @@ a crash redoes only the unfinished stages (a killed scoring run resumes from its
 ``--save_strategy steps``), and a new ``--ratio`` reuses the scoring run and redoes only selection
 and what follows. A stage whose inputs changed starts from an empty folder (the changed inputs are named),
 except the score stage of *another run*: a dataset or proxy model other than the one whose finished scoring
-(or checkpoint) is in ``--output_dir`` is refused, not deleted; pass another folder or delete ``score/``.
+(or checkpoint) is in ``--output_dir`` is refused, not deleted; pass another folder or delete ``score/``. A Hub
+dataset at a new commit (changed upstream, `engine.named_dataset_identity`) is the same run's: it is scored again.
 
 **Several processes** (``torchrun`` / ``accelerate launch``, the same flags): every process scores
 and fine-tunes (the Trainers split each batch among them); rank 0 alone selects, pushes, writes
@@ -38,7 +39,7 @@ from functools import partial
 
 import numpy as np
 
-from ..data.io import load_rows
+from ..data.io import check_revision, load_rows
 from ..dist import barrier, is_main_process, main_decides
 from ..proxy.model import check_causal_lm
 from ..scores.formulas import DEFAULT_SCORE
@@ -47,7 +48,7 @@ from ..scores.sketched import CELL_COLUMN, CLUSTER_COLUMN, TARGET_COLUMN, sketch
 from ..scores.text_duplicates import COLUMN as TEXT_DUP_COLUMN
 from ..scores.text_duplicates import JACCARD_COLUMN, add_text_duplicate_columns, check_text_duplicates, text_settings
 from ..selection.select import pick_rows
-from .engine import Stage, named_dataset_identity, run_stage
+from .engine import Stage, keep_recorded_revision, named_dataset_identity, run_stage
 from .sketches import check_sketch_flags
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -132,11 +133,23 @@ and in docs/quality.md the per-task cut trained a better target than the global 
 # ---- stages -------------------------------------------------------------------------------------
 
 def dataset_identity(args: RunArguments) -> dict:
-    """What identifies the rows to score: the demo's settings, a local file's content hash, or the Hub id."""
+    """What identifies the rows to score: the demo's settings, a local file's content hash, or the Hub id and the
+    commit it is at (`engine.named_dataset_identity`)."""
     if args.demo:
         return {"demo_rows": args.demo_rows, "demo_pretrain_rows": args.demo_pretrain_rows,
                 "demo_pretrain_epochs": args.demo_pretrain_epochs}
-    return named_dataset_identity(args.dataset_name, args.dataset_config, args.dataset_split)
+    return named_dataset_identity(args.dataset_name, args.dataset_config, args.dataset_split, args.dataset_revision)
+
+
+def make_score_stage(args: RunArguments, config, out: str) -> Stage:
+    """The score stage of the run in ``out``: its inputs are the rows (`dataset_identity`; a Hub dataset's commit
+    unknown now is the one the finished stage recorded, `engine.keep_recorded_revision`), the proxy model and its
+    training settings, and the extra scores."""
+    folder = os.path.join(out, "score")
+    return Stage("score", folder, {
+        "dataset": keep_recorded_revision(dataset_identity(args), folder, "dataset"),
+        "model": None if args.demo else args.model_name_or_path, "proxy": proxy_inputs(config),
+        "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model, "canaries": args.canaries})
 
 
 def proxy_inputs(config) -> dict:
@@ -166,6 +179,7 @@ def run(args: RunArguments, config) -> dict:
             raise ValueError(f"ratio={r} is outside (0, 1]; use e.g. --ratio 0.05 0.1 0.15.")
     if not args.demo and not args.dataset_name:
         raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
+    check_revision(args.dataset_name, args.dataset_revision)
     if args.demo and args.target_model == RunArguments.target_model:
         args.target_model = "tiny-llama (demo)"
     if args.score_column is None:
@@ -176,11 +190,9 @@ def run(args: RunArguments, config) -> dict:
     if not args.demo and not args.skip_finetune:  # the target is loaded after scoring: refuse a bad one now
         check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
     out = os.path.abspath(config.output_dir)
-    score_stage = Stage("score", os.path.join(out, "score"), {
-        "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
-        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
-        "canaries": args.canaries})
-    if main_decides(lambda: score_stage.holds_another_runs_work(("dataset", "model"))):  # another run's scoring
+    score_stage = make_score_stage(args, config, out)
+    # another run's scoring is refused; the same Hub dataset at a new commit (changed upstream) is scored again
+    if main_decides(lambda: score_stage.holds_another_runs_work(("dataset", "model"), ("dataset.revision",))):
         state = score_stage._state()
         took = f"it took {state['seconds']} s" if "seconds" in state else "unfinished, with a checkpoint"
         raise ValueError(
@@ -200,7 +212,8 @@ def run(args: RunArguments, config) -> dict:
     if args.target_dataset is not None or args.diversity_clusters is not None or text is not None:
         columns = Stage("columns", os.path.join(out, "columns"), {
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
-            "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
+            "target": args.target_dataset and keep_recorded_revision(named_dataset_identity(
+                args.target_dataset, None, args.target_split), os.path.join(out, "columns"), "target"),
             "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None,
             **({"text_duplicates": text} if text is not None else {})})  # absent when off: older runs stay done
         run_stage(columns, partial(_columns, scored_path, columns.folder, args, config), statuses)

@@ -285,6 +285,17 @@ def test_run_selects_for_a_target_by_clusters_without_near_duplicates_and_report
     assert main(["run", *flags, *sketch_flags, "--ratio", "0.5"]) == 0
     stages = json.loads((out / "stages.json").read_text())
     assert stages["columns"] == "skipped" and stages["select/target_alignment_top50pct"] == "ran"
+    # text near-duplicates join the columns stage (whose fingerprint gains the setting only when it is given)
+    assert main(["run", *flags, *sketch_flags, "--drop_text_duplicates", "0.7"]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["score"] == "skipped" and stages["columns"] == "ran" and stages["push"] == "ran"
+    flagged = np.asarray(load_from_disk(str(out / "columns" / "scored"))["text_duplicate_of"]) >= 0
+    stats = json.loads((out / "select" / "target_alignment_top25pct" / "stats.json").read_text())
+    assert stats["num_text_duplicates_dropped"] == flagged.sum() and stats["text_duplicates"]["threshold"] == 0.7
+    kept = load_from_disk(str(out / "select" / "target_alignment_top25pct" / "data"))
+    assert (np.asarray(kept["text_duplicate_of"]) == -1).all()
+    assert "text near-duplicate rows never selected" in (out / "report.md").read_text()
+    assert pushed["settings"]["drop_text_duplicates"] == 0.7 and "text_duplicate_of" in pushed["scored"].column_names
     # without sketches, or without the last epoch's, a clear error before anything runs
     assert main(["run", *flags, "--output_dir", str(tmp_path / "r2"), "--diversity_clusters", "4"]) == 2
     assert "--diversity_clusters needs gradient sketches: add --sketch_dim 1024" in capsys.readouterr().err

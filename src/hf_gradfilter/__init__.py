@@ -31,6 +31,7 @@ from .scores.scorers import (
     score_dataset,
 )
 from .scores.sweep_grid import sweep_record
+from .scores.text_duplicates import add_text_duplicate_columns, text_duplicates
 from .selection.select import Selection, pick_rows
 from .selection.superfiltering import superfiltering_select
 from .selection.top import group_counts, select_top, top_indices, top_indices_by_group
@@ -44,6 +45,7 @@ __all__ = [
     "LengthScorer",
     "RandomScorer",
     "RecordScorer",
+    "add_text_duplicate_columns",
     "SCORERS",
     "judge",
     "superfiltering_select",
@@ -75,6 +77,7 @@ __all__ = [
     "sketch_clusters",
     "sweep_record",
     "target_alignment",
+    "text_duplicates",
     "sq_norms",
     "tokenize_dataset",
     "top_indices",

@@ -8,8 +8,9 @@ import os
 DATA_EXTENSIONS = ("json", "jsonl", "csv", "parquet", "arrow")
 
 
-def load_rows(name: str, config: str | None = None, split: str = "train"):
-    """A `datasets.Dataset` from a local file, a save_to_disk folder, or the Hub."""
+def load_rows(name: str, config: str | None = None, split: str = "train", revision: str | None = None):
+    """A `datasets.Dataset` from a local file, a save_to_disk folder, or the Hub (at ``revision``: a branch, tag or
+    commit; default: the latest on ``main``)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     def first_invalid_utf8(path: str, chunk_size: int = 1 << 20) -> tuple[int, int] | None:
@@ -29,6 +30,7 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
                     return None
                 offset, line = offset + len(data), line + data.count(b"\n")
 
+    check_revision(name, revision)
     if os.path.isfile(name):
         ext = name.rsplit(".", 1)[-1].lower()
         builder = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}.get(ext)
@@ -77,10 +79,17 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
         raise FileNotFoundError(f"No file or folder {name!r}, and it is not a Hub dataset id (namespace/name); "
                                 "check the path.")
     try:
-        return load_dataset(name, config, split=split)
+        return load_dataset(name, config, split=split, revision=revision)
     except ConnectionError as err:  # offline (HF_HUB_OFFLINE=1) or no network: datasets' error is a traceback
         raise FileNotFoundError(f"No file or folder {name!r}, and the Hub could not be reached to look it up as a "
                                 f"dataset id ({err}); check the path.") from None
+
+
+def check_revision(name: str | None, revision: str | None) -> None:
+    """Refuse a Hub revision (``--dataset_revision``) for a local file or folder."""
+    if revision is not None and name and os.path.exists(name):
+        raise ValueError(f"--dataset_revision {revision} is for a Hub dataset; {name!r} is a local "
+                         f"{'file' if os.path.isfile(name) else 'folder'}: drop --dataset_revision.")
 
 
 def check_json_lines(path: str) -> None:

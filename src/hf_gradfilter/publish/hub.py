@@ -54,6 +54,7 @@ SETTING_LABELS = {
     "diversity_clusters": "Sketch clusters (top ratio of each)",
     "drop_near_duplicates": "Near-duplicates dropped at sketch cosine >=",
     "features": "Target / cluster features (sketch: gradients; embedding: base hidden states, RDS+)",
+    "drop_text_duplicates": "Text near-duplicates dropped at word 5-gram Jaccard >= (MinHash LSH)",
     "proxy_learning": "Did the proxy learn? (learning check, docs/method.md)",
 }
 VERSIONED = ["hf-gradfilter", "transformers", "peft", "trl", "datasets", "torch", "huggingface_hub"]

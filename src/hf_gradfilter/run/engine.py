@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 
 from ..dist import barrier, is_main_process, main_decides
+
+logger = logging.getLogger(__name__)
 
 
 def fingerprint(inputs: dict) -> str:
@@ -55,15 +59,16 @@ class Stage:
                 changed.append(key)
         return changed
 
-    def holds_another_runs_work(self, keys: tuple[str, ...]) -> bool:
+    def holds_another_runs_work(self, keys: tuple[str, ...], same_run: tuple[str, ...] = ()) -> bool:
         """Whether the folder holds work (finished, or a checkpoint to resume from) of a run whose ``keys``
-        inputs differ: starting this stage would delete another run's results."""
+        inputs differ: starting this stage would delete another run's results. A change in ``same_run`` alone
+        (e.g. ``dataset.revision``: the same Hub dataset, changed upstream) is this run's, to redo."""
         state = self._state()
         if not state or state.get("fingerprint") == self.fingerprint:
             return False
         started = bool(state.get("complete")) or any(
             d.startswith("checkpoint-") for d in (os.listdir(self.folder) if os.path.isdir(self.folder) else []))
-        return started and any(c.split(".")[0] in keys for c in self.changed_inputs())
+        return started and any(c.split(".")[0] in keys and c not in same_run for c in self.changed_inputs())
 
     def start(self) -> None:
         """Mark the stage started; outputs of *other* inputs in its folder are removed first."""
@@ -125,8 +130,48 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def named_dataset_identity(name: str | None, config: str | None = None, split: str = "train") -> dict:
-    """A local file's content hash, a saved dataset's fingerprint, or the Hub id, config and split."""
+def hub_dataset_revision(name: str, revision: str | None = None) -> tuple[str | None, str]:
+    """``(commit, where it came from)`` of the Hub dataset ``name`` at ``revision`` (a branch, tag or commit;
+    default: ``main``).
+
+    - A 40-hex-digit ``revision`` is the commit itself (``"given"``).
+    - Otherwise the Hub is asked (``HfApi().dataset_info(name, revision=...).sha``, ``"hub"``), unless
+      ``HF_HUB_OFFLINE`` is set.
+    - Offline, or when the Hub cannot answer: the commit of the snapshot that `datasets` cached when it last
+      loaded the dataset (its ``README.md`` in the huggingface_hub cache, found with
+      ``huggingface_hub.try_to_load_from_cache``, as `datasets` itself finds the commit; ``"cache"``).
+    - Else ``(None, why)``.
+    """
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision, "given"
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    problem = "HF_HUB_OFFLINE is set"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            sha = huggingface_hub.HfApi().dataset_info(name, revision=revision, timeout=10).sha
+            if sha:
+                return sha, "hub"
+            problem = "the Hub gave no commit"
+        except Exception as err:  # no network, a missing or gated repo, a bad revision: the cache may know it
+            problem = f"the Hub did not answer: {type(err).__name__}"
+    try:
+        path = huggingface_hub.try_to_load_from_cache(name, "README.md", revision=revision, repo_type="dataset")
+    except Exception:  # an id the cache cannot name
+        path = None
+    if isinstance(path, str):
+        return os.path.basename(os.path.dirname(path)), "cache"
+    return None, f"{problem}, and no cached snapshot of it was found"
+
+
+def named_dataset_identity(name: str | None, config: str | None = None, split: str = "train",
+                           revision: str | None = None) -> dict:
+    """A local file's content hash, a saved dataset's fingerprint, or the Hub id, config, split and the commit
+    the dataset is at (`hub_dataset_revision`; ``revision``: a branch, tag or commit, default ``main``), so a
+    dataset changed upstream is scored again (with ``requested_revision`` when one was asked for). When the commit
+    cannot be found (offline with no cached snapshot, or the Hub does not answer), ``revision`` is None, with a
+    warning, and `keep_recorded_revision` keeps a finished stage."""
     if name and os.path.isfile(name):
         return {"file_sha256": _file_sha256(name)}
     if name and os.path.isdir(name):
@@ -134,4 +179,29 @@ def named_dataset_identity(name: str | None, config: str | None = None, split: s
         if os.path.exists(state):
             with open(state) as f:
                 return {"saved_fingerprint": json.load(f).get("_fingerprint"), "path": os.path.abspath(name)}
-    return {"dataset": name, "config": config, "split": split}
+    identity = {"dataset": name, "config": config, "split": split}
+    if not name:
+        return identity
+    sha, source = hub_dataset_revision(name, revision)
+    if sha is None:
+        logger.warning(f"The commit of Hub dataset {name!r} at {revision or 'main'} is unknown ({source}): its "
+                       "identity has no commit, and a change upstream goes unseen until the Hub can be reached.")
+    return {**identity, "revision": sha, **({"requested_revision": revision} if revision else {})}
+
+
+def keep_recorded_revision(identity: dict, folder: str, key: str) -> dict:
+    """``identity`` (`named_dataset_identity`) whose commit is unknown takes the one recorded in ``folder``'s
+    ``stage.json`` under ``key`` for the same dataset, config, split and requested revision: a finished stage is
+    kept, not redone (its outputs deleted) for want of the Hub. Any other identity is returned as it is."""
+    if identity.get("dataset") is None or identity.get("revision") is not None:
+        return identity
+    try:
+        with open(os.path.join(folder, "stage.json")) as f:
+            before = json.load(f).get("inputs", {}).get(key)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return identity
+    if isinstance(before, dict) and before.get("revision") and {**before, "revision": None} == identity:
+        logger.warning(f"Hub dataset {identity['dataset']!r}: taking commit {before['revision']} as before "
+                       f"({folder}), since the Hub could not be asked.")
+        return {**identity, "revision": before["revision"]}
+    return identity

@@ -4,8 +4,9 @@ Layout of ``--output_dir`` (every stage folder holds a ``stage.json``)::
 
     run_args.json                  the arguments of the last run (``hf-gradfilter report DIR`` reads them)
     score/                         members, gradient_record.safetensors, scored/, log_history.json
-    columns/                       scored/ with the sketch-derived columns, columns.json (only with
-                                   --target_dataset or --diversity_clusters; every ratio reuses it)
+    columns/                       scored/ with the sketch-derived and text-duplicate columns, columns.json
+                                   (only with --target_dataset, --diversity_clusters or --drop_text_duplicates;
+                                   every ratio reuses it)
     select/<column>_top10pct/      the selected rows (save_to_disk) and stats.json
     select/random_top10pct/        a random subset of the same size (--baseline_random)
     finetune/<column>_top10pct/    the target's LoRA adapter, loss curves, eval_metrics.json
@@ -20,7 +21,8 @@ a crash redoes only the unfinished stages (a killed scoring run resumes from its
 ``--save_strategy steps``), and a new ``--ratio`` reuses the scoring run and redoes only selection
 and what follows. A stage whose inputs changed starts from an empty folder (the changed inputs are named),
 except the score stage of *another run*: a dataset or proxy model other than the one whose finished scoring
-(or checkpoint) is in ``--output_dir`` is refused, not deleted; pass another folder or delete ``score/``.
+(or checkpoint) is in ``--output_dir`` is refused, not deleted; pass another folder or delete ``score/``. A Hub
+dataset at a new commit (changed upstream, `engine.named_dataset_identity`) is the same run's: it is scored again.
 
 **Several processes** (``torchrun`` / ``accelerate launch``, the same flags): every process scores
 and fine-tunes (the Trainers split each batch among them); rank 0 alone selects, pushes, writes
@@ -37,15 +39,17 @@ from functools import partial
 
 import numpy as np
 
-from ..data.io import load_rows
+from ..data.io import check_revision, load_rows
 from ..dist import barrier, is_main_process, main_decides
 from ..lora import LoraArguments
 from ..proxy.model import check_causal_lm
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.score import ScoreArguments, score
 from ..scores.sketched import CELL_COLUMN, CLUSTER_COLUMN, TARGET_COLUMN, sketch_options
+from ..scores.text_duplicates import COLUMN as TEXT_DUP_COLUMN
+from ..scores.text_duplicates import JACCARD_COLUMN, add_text_duplicate_columns, check_text_duplicates, text_settings
 from ..selection.select import pick_rows
-from .engine import Stage, named_dataset_identity, run_stage
+from .engine import Stage, keep_recorded_revision, named_dataset_identity, run_stage
 from .sketches import check_sketch_flags
 
 # TrainingArguments fields that do not change what a stage computes (logging, saving, hub, devices' I/O)
@@ -91,6 +95,9 @@ class RunArguments(ScoreArguments):
     features: str = field(default="sketch", metadata={
         "help": "What --target_dataset and --diversity_clusters compare: 'sketch' (needs --sketch_dim) or "
                 "'embedding' (mean hidden states under the proxy's frozen backbone, RDS+; see `select --help`)."})
+    drop_text_duplicates: float | None = field(default=None, metadata={
+        "help": "Never select rows whose text has word 5-gram Jaccard similarity >= this (e.g. 0.7) with an earlier "
+                "row's (MinHash LSH; see `select --help`; needs `pip install 'hf-gradfilter[dedup]'`)."})
     baseline_random: bool = field(default=False, metadata={
         "help": "Also fine-tune the target on a random subset of the same size (seeded; with --group_mode "
                 "per_group, as many rows of each group as the selection kept), for comparison."})
@@ -137,11 +144,23 @@ and in docs/quality.md the per-task cut trained a better target than the global 
 # ---- stages -------------------------------------------------------------------------------------
 
 def dataset_identity(args: RunArguments) -> dict:
-    """What identifies the rows to score: the demo's settings, a local file's content hash, or the Hub id."""
+    """What identifies the rows to score: the demo's settings, a local file's content hash, or the Hub id and the
+    commit it is at (`engine.named_dataset_identity`)."""
     if args.demo:
         return {"demo_rows": args.demo_rows, "demo_pretrain_rows": args.demo_pretrain_rows,
                 "demo_pretrain_epochs": args.demo_pretrain_epochs}
-    return named_dataset_identity(args.dataset_name, args.dataset_config, args.dataset_split)
+    return named_dataset_identity(args.dataset_name, args.dataset_config, args.dataset_split, args.dataset_revision)
+
+
+def make_score_stage(args: RunArguments, config, out: str) -> Stage:
+    """The score stage of the run in ``out``: its inputs are the rows (`dataset_identity`; a Hub dataset's commit
+    unknown now is the one the finished stage recorded, `engine.keep_recorded_revision`), the proxy model and its
+    training settings, and the extra scores."""
+    folder = os.path.join(out, "score")
+    return Stage("score", folder, {
+        "dataset": keep_recorded_revision(dataset_identity(args), folder, "dataset"),
+        "model": None if args.demo else args.model_name_or_path, "proxy": proxy_inputs(config),
+        "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model, "canaries": args.canaries})
 
 
 def proxy_inputs(config) -> dict:
@@ -171,19 +190,20 @@ def run(args: RunArguments, config) -> dict:
             raise ValueError(f"ratio={r} is outside (0, 1]; use e.g. --ratio 0.05 0.1 0.15.")
     if not args.demo and not args.dataset_name:
         raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
+    check_revision(args.dataset_name, args.dataset_revision)
     if args.demo and args.target_model == RunArguments.target_model:
         args.target_model = "tiny-llama (demo)"
     if args.score_column is None:
         args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
     check_sketch_flags(args, config)
+    if args.drop_text_duplicates is not None:
+        check_text_duplicates(args.drop_text_duplicates, "--drop_text_duplicates")
     if not args.demo and not args.skip_finetune:  # the target is loaded after scoring: refuse a bad one now
         check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
     out = os.path.abspath(config.output_dir)
-    score_stage = Stage("score", os.path.join(out, "score"), {
-        "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
-        "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
-        "canaries": args.canaries})
-    if main_decides(lambda: score_stage.holds_another_runs_work(("dataset", "model"))):  # another run's scoring
+    score_stage = make_score_stage(args, config, out)
+    # another run's scoring is refused; the same Hub dataset at a new commit (changed upstream) is scored again
+    if main_decides(lambda: score_stage.holds_another_runs_work(("dataset", "model"), ("dataset.revision",))):
         state = score_stage._state()
         took = f"it took {state['seconds']} s" if "seconds" in state else "unfinished, with a checkpoint"
         raise ValueError(
@@ -197,14 +217,18 @@ def run(args: RunArguments, config) -> dict:
 
     run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
     scored_path = os.path.join(score_stage.folder, "scored")
-    columns_fp = None  # the sketch-derived columns: a stage of their own when a flag asks for them
-    if args.target_dataset is not None or args.diversity_clusters is not None:
+    columns_fp = None  # the sketch-derived and text-duplicate columns: a stage of their own when a flag asks for them
+    text = None if args.drop_text_duplicates is None else text_settings(args.drop_text_duplicates,
+                                                                        config.instruction_format)
+    if args.target_dataset is not None or args.diversity_clusters is not None or text is not None:
         columns = Stage("columns", os.path.join(out, "columns"), {
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
-            "target": args.target_dataset and named_dataset_identity(args.target_dataset, None, args.target_split),
+            "target": args.target_dataset and keep_recorded_revision(named_dataset_identity(
+                args.target_dataset, None, args.target_split), os.path.join(out, "columns"), "target"),
             "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None,
-            **({"features": args.features} if args.features != "sketch" else {})})
-        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config.seed), statuses)
+            **({"features": args.features} if args.features != "sketch" else {}),
+            **({"text_duplicates": text} if text is not None else {})})  # absent when off: older runs stay done
+        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config), statuses)
         scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
 
     selections = {}  # name -> (folder, fingerprint)
@@ -216,7 +240,8 @@ def run(args: RunArguments, config) -> dict:
                 "group": [args.group_column, args.group_mode],
                 "columns": columns_fp, "near_duplicates": args.drop_near_duplicates,
                 "seed": config.seed if column == "random" else None,
-                "match": args.score_column if column == "random" else None})
+                "match": args.score_column if column == "random" else None,
+                **({"text_duplicates": args.drop_text_duplicates} if text is not None else {})})
             run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
             selections[name] = (stage.folder, stage.fingerprint)
 
@@ -293,7 +318,7 @@ def _select(scored_path: str, folder: str, column: str, ratio: float, args: RunA
                 sketch_stats = json.load(f)
         positions, stats = pick_rows(scored, column, fraction=ratio, group_column=args.group_column,
                                      group_mode=args.group_mode, near_duplicates=args.drop_near_duplicates,
-                                     sketch_stats=sketch_stats)
+                                     text_duplicates=args.drop_text_duplicates, sketch_stats=sketch_stats)
     data = os.path.join(folder, "data")
     scored.select(positions).save_to_disk(data)
     np.save(os.path.join(folder, "positions.npy"), positions.astype(np.int64))
@@ -377,18 +402,23 @@ def _finetune(args: RunArguments, config, selected_folder: str, folder: str, out
         return json.load(f)
 
 
-def _columns(scored_path: str, folder: str, args: RunArguments, seed: int) -> dict:
-    """The sketch-derived columns (`scores.sketched.sketch_options`: ``target_alignment``, the clusters) of every
-    scored row, saved once for every ratio's selection and the published splits: ``scored/`` and ``columns.json``
-    (their stats; ``group_column`` names the cluster column to select per group by)."""
+def _columns(scored_path: str, folder: str, args: RunArguments, config) -> dict:
+    """The sketch-derived columns (`scores.sketched.sketch_options`: ``target_alignment``, the clusters) and the
+    text near-duplicate columns (`scores.text_duplicates.add_text_duplicate_columns`, with --drop_text_duplicates)
+    of every scored row, saved once for every ratio's selection and the published splits: ``scored/`` and
+    ``columns.json`` (their stats; ``group_column`` names the cluster column to select per group by)."""
     scored, stats = sketch_options(
         load_rows(scored_path), scored_path, target_dataset=args.target_dataset, target_split=args.target_split,
-        diversity_clusters=args.diversity_clusters, seed=seed,
+        diversity_clusters=args.diversity_clusters, seed=config.seed,
         group_column=args.group_column if args.group_mode == "per_group" else None, features=args.features)
+    if args.drop_text_duplicates is not None:
+        scored, text_stats = add_text_duplicate_columns(scored, args.drop_text_duplicates, config.instruction_format)
+        stats.update(text_stats)
     scored.save_to_disk(os.path.join(folder, "scored"))
     with open(os.path.join(folder, "columns.json"), "w") as f:
         json.dump(stats, f, indent=1, default=float)
-    return {"columns": [c for c in scored.column_names if c in (TARGET_COLUMN, CLUSTER_COLUMN, CELL_COLUMN)]}
+    made = (TARGET_COLUMN, CLUSTER_COLUMN, CELL_COLUMN, TEXT_DUP_COLUMN, JACCARD_COLUMN)
+    return {"columns": [c for c in scored.column_names if c in made]}
 
 
 def _push(args: RunArguments, score_folder: str, scored_path: str, selections: dict, targets: dict) -> dict:
@@ -401,8 +431,8 @@ def _push(args: RunArguments, score_folder: str, scored_path: str, selections: d
         selected = {split_name(name): load_rows(os.path.join(f, "data"))
                     for name, (f, _) in selections.items() if not name.startswith("random_")}
         ratio = min(float(r) for r in args.ratio)
-        sketch = {k: getattr(args, k) for k in ("target_dataset", "diversity_clusters", "drop_near_duplicates")
-                  if getattr(args, k) is not None}
+        sketch = {k: getattr(args, k) for k in ("target_dataset", "diversity_clusters", "drop_near_duplicates",
+                                                "drop_text_duplicates") if getattr(args, k) is not None}
         if args.target_dataset and os.path.exists(args.target_dataset):  # a local path: its name, not where it lives
             sketch["target_dataset"] = os.path.basename(os.path.normpath(args.target_dataset))
         if args.features != "sketch" and (args.target_dataset or args.diversity_clusters is not None):

@@ -240,7 +240,8 @@ def _html(blocks, title: str) -> str:
 # ---- the report ----------------------------------------------------------------------------------
 
 def sketch_lines(selections: dict) -> list[str]:
-    """A sentence per selection made with gradient sketches (target alignment, clusters, near-duplicates)."""
+    """A sentence per selection made with gradient sketches (target alignment, clusters, near-duplicates) or without
+    text near-duplicates."""
     lines = []
     for name, sel in selections.items():
         stats, said = sel["stats"], []
@@ -254,6 +255,10 @@ def sketch_lines(selections: dict) -> list[str]:
                         f"{d['smallest_cluster']} to {d['largest_cluster']} rows)")
         if "num_near_duplicates_dropped" in stats:
             said.append(f"{stats['num_near_duplicates_dropped']} near-duplicate rows never selected")
+        if "num_text_duplicates_dropped" in stats:
+            t = stats.get("text_duplicates", {})
+            said.append(f"{stats['num_text_duplicates_dropped']} text near-duplicate rows never selected (word "
+                        f"{t.get('ngram')}-gram Jaccard >= {t.get('threshold')})")
         if said:
             lines.append(f"{name}: " + "; ".join(said) + ".")
     return lines

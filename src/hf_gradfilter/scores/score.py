@@ -37,6 +37,9 @@ class ScoreArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to score."})
+    dataset_revision: str | None = field(default=None, metadata={
+        "help": "Hub dataset revision to load: a branch, tag or commit (default: the latest on main). `run` puts the "
+                "commit in the score stage's fingerprint either way, so a dataset changed upstream is scored again."})
     model_name_or_path: str = field(default="gpt2", metadata={"help": "Proxy causal LM: Hub id or local path."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub (off)."})
     extra_scores: list[str] = field(default_factory=list, metadata={
@@ -68,7 +71,7 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     else:
         if not args.dataset_name:
             raise ValueError("Pass --dataset_name (a file, a saved dataset or a Hub id), or --demo.")
-        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split, args.dataset_revision)
         model, tokenizer = load_causal_lm(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     canaries = None
     if args.canaries:

@@ -13,6 +13,13 @@ from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.sketched import sketch_options
+from ..scores.text_duplicates import (
+    JACCARD_COLUMN,
+    NGRAM,
+    add_text_duplicate_columns,
+    check_text_duplicates,
+    check_threshold,
+)
 from ..selection.superfiltering import superfiltering_select
 from .top import check_columns, format_group_table, select_top
 
@@ -37,6 +44,18 @@ def select_rows(dataset, score_column: str, fraction: float | None = None, k: in
     return selected.remove_columns("ifd_below_1"), {**stats, "score_column": "ifd"}
 
 
+def _set_aside(dataset, flagged: np.ndarray, score_column: str):
+    """``dataset`` with ``score_column`` set to NaN on the ``flagged`` rows (a boolean mask)."""
+    if score_column not in dataset.column_names:
+        raise ValueError(f"Column {score_column!r} is not in the dataset (columns: {dataset.column_names}).")
+    if flagged.any():
+        scores = np.array(read_columns(dataset, [score_column])[score_column], dtype=np.float64)  # a writable copy
+        scores[flagged] = np.nan
+        order = dataset.column_names
+        dataset = dataset.remove_columns(score_column).add_column(score_column, scores).select_columns(order)
+    return dataset, int(flagged.sum())
+
+
 def drop_near_duplicates(dataset, threshold: float, score_column: str = DEFAULT_SCORE):
     """``dataset`` with ``score_column`` set to NaN on the rows whose ``sketch_nearest_cos`` is ``>= threshold`` (a
     cosine in ``(0, 1]``), and how many rows that is.
@@ -50,16 +69,21 @@ def drop_near_duplicates(dataset, threshold: float, score_column: str = DEFAULT_
     if "sketch_nearest_cos" not in dataset.column_names:
         raise ValueError("--drop_near_duplicates needs the column sketch_nearest_cos: score with gradient sketches "
                          "(`hf-gradfilter score --sketch_dim 1024 ...`).")
-    if score_column not in dataset.column_names:
-        raise ValueError(f"Column {score_column!r} is not in the dataset (columns: {dataset.column_names}).")
     cos = np.asarray(read_columns(dataset, ["sketch_nearest_cos"])["sketch_nearest_cos"], dtype=np.float64)
-    dup = cos >= threshold
-    if dup.any():
-        scores = np.array(read_columns(dataset, [score_column])[score_column], dtype=np.float64)  # a writable copy
-        scores[dup] = np.nan
-        order = dataset.column_names
-        dataset = dataset.remove_columns(score_column).add_column(score_column, scores).select_columns(order)
-    return dataset, int(dup.sum())
+    return _set_aside(dataset, cos >= threshold, score_column)
+
+
+def drop_text_duplicates(dataset, threshold: float, score_column: str = DEFAULT_SCORE):
+    """`drop_near_duplicates` for the text near-duplicates: ``score_column`` set to NaN on the rows whose
+    ``text_duplicate_jaccard`` (the column `scores.text_duplicates.add_text_duplicate_columns` adds; it must have
+    been made at a threshold no higher than this one) is ``>= threshold``, and how many rows that is."""
+    check_threshold(threshold, "--drop_text_duplicates")
+    if JACCARD_COLUMN not in dataset.column_names:
+        raise ValueError(f"--drop_text_duplicates needs the column {JACCARD_COLUMN}: add it with "
+                         "hf_gradfilter.scores.text_duplicates.add_text_duplicate_columns (the select verb and run "
+                         "do).")
+    jaccard = np.asarray(read_columns(dataset, [JACCARD_COLUMN])[JACCARD_COLUMN], dtype=np.float64)
+    return _set_aside(dataset, jaccard >= threshold, score_column)
 
 
 class Selection(NamedTuple):
@@ -72,29 +96,32 @@ class Selection(NamedTuple):
 
 def pick_rows(scored, score_column: str, *, fraction: float | None = None, k: int | None = None,
               group_column: str | None = None, group_mode: str = "global", quotas: dict | None = None,
-              near_duplicates: float | None = None, sketch_stats: dict | None = None):
+              near_duplicates: float | None = None, text_duplicates: float | None = None,
+              sketch_stats: dict | None = None):
     """The select stage's one rule, used by the `select` verb and by `run`: set near-duplicates aside
-    (``near_duplicates``: a sketch cosine, `drop_near_duplicates`), then keep the top ``fraction`` (or ``k``) by
+    (``near_duplicates``: a sketch cosine, `drop_near_duplicates`; ``text_duplicates``: a word-n-gram Jaccard
+    similarity, `drop_text_duplicates`), then keep the top ``fraction`` (or ``k``) by
     ``score_column`` (`select_rows`: globally, per group or by quota; ``ifd`` by Superfiltering's rule). With
     ``sketch_stats`` from `scores.sketched.sketch_options` that name a cluster column (``--diversity_clusters``),
     the top of every cluster (or group x cluster cell) is kept instead.
 
     Returns a `Selection` ``(positions, stats)``: the kept rows' positions in ``scored``, ascending, and the
-    selection's stats (with the sketch stats and ``num_near_duplicates_dropped`` when asked)."""
+    selection's stats (with the sketch stats, ``num_near_duplicates_dropped`` and ``num_text_duplicates_dropped``
+    when asked)."""
     sketch_stats = dict(sketch_stats or {})
     clusters = sketch_stats.pop("group_column", None)
     if clusters is not None:
         group_column, group_mode = clusters, "per_group"
     check_columns(scored, score_column, group_column)  # before the helper column, which errors would list
     rows = scored.add_column("_position", np.arange(len(scored)))
-    dropped = None
+    dropped = {}
     if near_duplicates is not None:
-        rows, dropped = drop_near_duplicates(rows, near_duplicates, score_column)
+        rows, dropped["num_near_duplicates_dropped"] = drop_near_duplicates(rows, near_duplicates, score_column)
+    if text_duplicates is not None:
+        rows, dropped["num_text_duplicates_dropped"] = drop_text_duplicates(rows, text_duplicates, score_column)
     selected, stats = select_rows(rows, score_column, fraction=fraction, k=k, group_column=group_column,
                                   group_mode=group_mode, quotas=quotas)
-    stats.update({**sketch_stats, "group_column": group_column})
-    if dropped is not None:
-        stats["num_near_duplicates_dropped"] = dropped
+    stats.update({**sketch_stats, "group_column": group_column, **dropped})
     return Selection(np.sort(read_columns(selected, ["_position"])["_position"]), stats)
 
 
@@ -131,6 +158,11 @@ class SelectArguments:
         "help": "Never select rows whose gradient sketch has cosine >= this (e.g. 0.98) with an earlier row's (the "
                 "column sketch_nearest_cos, written by `score --sketch_dim 1024`); --ratio and quotas still count "
                 "every row, so the subset keeps its size."})
+    drop_text_duplicates: float | None = field(default=None, metadata={
+        "help": "Never select rows whose text (instruction, input and output; lower-cased, punctuation dropped) "
+                f"has word {NGRAM}-gram Jaccard similarity >= this (e.g. 0.7) with an earlier row's: MinHash LSH, each "
+                "match confirmed exactly (columns text_duplicate_of and text_duplicate_jaccard; needs "
+                "`pip install 'hf-gradfilter[dedup]'`); --ratio and quotas still count every row."})
     target_dataset: str | None = field(default=None, metadata={
         "help": "Rows of the task you care about (a few dozen to a few hundred; a file, saved dataset or Hub id, any "
                 "supported format): adds the column target_alignment, each row's mean cosine with the target rows' "
@@ -182,20 +214,25 @@ def select(args: SelectArguments):
         args.score_column = "target_alignment" if args.target_dataset else DEFAULT_SCORE
     if args.diversity_clusters is not None and args.group_mode == "quota":
         raise ValueError("--diversity_clusters keeps the top --ratio of every cluster; it takes no quotas.")
+    if args.drop_text_duplicates is not None:
+        check_text_duplicates(args.drop_text_duplicates, "--drop_text_duplicates")
     scored = load_rows(args.scored)
     scored, sketch_stats = sketch_options(
         scored, args.scored, target_dataset=args.target_dataset, target_split=args.target_split,
         diversity_clusters=args.diversity_clusters, proxy_dir=args.proxy_dir, proxy_model=args.proxy_model,
         seed=args.seed, group_column=args.group_column if args.group_mode == "per_group" else None,
         features=args.features)
+    if args.drop_text_duplicates is not None:
+        scored, text_stats = add_text_duplicate_columns(scored, args.drop_text_duplicates)
+        sketch_stats.update(text_stats)
     positions, stats = pick_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
                                  group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None,
-                                 near_duplicates=args.drop_near_duplicates, sketch_stats=sketch_stats)
+                                 near_duplicates=args.drop_near_duplicates, text_duplicates=args.drop_text_duplicates,
+                                 sketch_stats=sketch_stats)
     selected = scored.select(positions)
     args.group_column = stats["group_column"]
     if args.diversity_clusters is not None:
         args.group_mode = "per_group"
-    dropped = stats.get("num_near_duplicates_dropped", 0)
     if args.group_mode == "quota":
         tag = f"quota_{args.group_column}_top{stats['num_selected']}"
     else:
@@ -205,14 +242,20 @@ def select(args: SelectArguments):
         tag += f"_nodup{args.drop_near_duplicates:g}"
     if args.features == "embedding" and (args.target_dataset or args.diversity_clusters is not None):
         tag += "_emb"
+    if args.drop_text_duplicates is not None:
+        tag += f"_notextdup{args.drop_text_duplicates:g}"
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.scored)),
                                          f"selected_{args.score_column}_{tag}")
     save_rows(selected, output)
     print(f"Selected {stats['num_selected']} of {stats['num_rows']} rows by {args.score_column!r} "
           f"(threshold {stats['threshold']:.6g}; {stats['num_nonfinite_excluded']} NaN/inf rows excluded) -> {output}")
     if args.drop_near_duplicates is not None:
-        print(f"Dropped {dropped} near-duplicate rows first (gradient-sketch cosine >= {args.drop_near_duplicates:g} "
-              "with an earlier row; never selected, still counted in --ratio).")
+        print(f"Dropped {stats['num_near_duplicates_dropped']} near-duplicate rows first (gradient-sketch cosine >= "
+              f"{args.drop_near_duplicates:g} with an earlier row; never selected, still counted in --ratio).")
+    if args.drop_text_duplicates is not None:
+        print(f"Dropped {stats['num_text_duplicates_dropped']} text near-duplicate rows first (word {NGRAM}-gram "
+              f"Jaccard >= {args.drop_text_duplicates:g} with an earlier row; never selected, still counted in "
+              "--ratio).")
     if "target" in stats:
         t = stats["target"]
         used = t.get("target_rows_sketched", t.get("target_rows_embedded"))

@@ -51,6 +51,7 @@ from .sketches import check_sketch_flags
 _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub", "hub_",
                "resume_from_checkpoint", "overwrite_output_dir", "dataloader_", "log_level", "eval_", "tqdm",
                "include_", "torch_compile", "ddp_", "fsdp", "deepspeed", "accelerator_config", "debug")
+_LATER_DEFAULTS = {"sketch_storage": "members", "sketch_dtype": "float32"}
 
 
 @dataclass
@@ -134,8 +135,10 @@ def dataset_identity(args: RunArguments) -> dict:
 
 
 def proxy_inputs(config) -> dict:
-    """The proxy's training settings that decide the record (no logging/saving/output fields)."""
-    return {k: v for k, v in config.to_dict().items() if not k.startswith(_NOT_INPUTS)}
+    """The proxy's training settings that decide the record (no logging/saving/output fields; fields added since
+    runs were first fingerprinted only when they differ from their default, so older runs' stages stay done)."""
+    return {k: v for k, v in config.to_dict().items()
+            if not k.startswith(_NOT_INPUTS) and _LATER_DEFAULTS.get(k, _NOT_INPUTS) != v}
 
 
 def tag(column: str, ratio: float) -> str:
@@ -171,7 +174,8 @@ def run(args: RunArguments, config) -> dict:
     score_stage = Stage("score", os.path.join(out, "score"), {
         "dataset": dataset_identity(args), "model": None if args.demo else args.model_name_or_path,
         "proxy": proxy_inputs(config), "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model,
-        "canaries": args.canaries})
+        "canaries": args.canaries,  # a forced near-duplicate search rescores; the default keeps older fingerprints
+        **({"near_duplicate_search": args.near_duplicate_search} if args.near_duplicate_search != "auto" else {})})
     if main_decides(lambda: score_stage.holds_another_runs_work(("dataset", "model"))):  # another run's scoring
         state = score_stage._state()
         took = f"it took {state['seconds']} s" if "seconds" in state else "unfinished, with a checkpoint"

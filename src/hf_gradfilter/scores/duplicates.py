@@ -5,8 +5,8 @@ Exact repeats of a row get the same gradient at the same weights (snapshot mode)
 agree to float rounding; rows that say the same thing in other words pull the LoRA weights the same
 way and land near each other. Pure numpy over arrays (memory-mapped ones welcome): rows are compared
 in blocks of ``block`` by matrix products, so memory is ``O(block * (block + d))``, never ``O(N^2)``;
-time is ``O(N^2 d / 2)`` multiply-adds: 16,384 rows (M = 5, d = 1024) take 3.7 s on one CPU core, so
-about 40 s at Alpaca's 52k rows and about 4 hours at 1M rows. From `search.APPROX_FROM_ROWS` rows
+time is ``O(N^2 d / 2)`` multiply-adds: on one CPU thread (d = 1024) 31 s at Alpaca's 52k rows and about
+3 hours at 1M rows (docs/ann_search.md). From `search.APPROX_FROM_ROWS` rows
 ``search="auto"`` uses an approximate index instead (`search`: faiss IVF, the optional extra ``[ann]``), with
 the same rule that a row points only to an earlier one; docs/ann_search.md has its times and recall.
 """

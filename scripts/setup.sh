@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set-up from nothing: a virtual environment in .venv with this package and its test extras.
+# Set-up from nothing: a virtual environment in .venv with this package, its test extras and the [ann] extra
+# (faiss-cpu: the approximate near-duplicate search, which the tests exercise).
 # When the environment has no torch yet, torch 2.13.0 is installed first (the CPU build where the
 # machine provides it); a torch you installed yourself (e.g. a CUDA build) is kept.
 set -euo pipefail
@@ -12,4 +13,4 @@ fi
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install --quiet "torch==2.13.0"
 fi
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test,ann]"

@@ -16,16 +16,25 @@ import json
 import logging
 import os
 import shlex
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from datasets import Dataset
 
-from hf_gradfilter import GradFilterConfig, GradientRecord, InstructionFormat, select_top, tokenize_dataset
+from hf_gradfilter import (
+    GradFilterConfig,
+    GradientRecord,
+    InstructionFormat,
+    near_duplicates,
+    select_top,
+    tokenize_dataset,
+)
 from hf_gradfilter.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
@@ -266,7 +275,27 @@ CASES = [
          lambda: GradientRecord.load(mkdir("out")), "No gradient record at out/gradient_record.safetensors",
          "run `hf-gradfilter score` first", call="GradientRecord.load('out')  # out/ exists, no record",
          error=FileNotFoundError),
+    Case("api_search_without_faiss", "Approximate near-duplicate search without the optional faiss",
+         lambda: without_faiss(lambda: near_duplicates(np.ones((4, 8)), 0.98, search="approx")),
+         "search='approx' needs faiss", "pip install 'hf-gradfilter[ann]'",
+         call="near_duplicates(sketches, 0.98, search='approx')  # faiss not installed", error=ImportError),
+    Case("api_search_name", "A near-duplicate search that does not exist",
+         lambda: near_duplicates(np.ones((4, 8)), 0.98, search="fast"), "search='fast'",
+         "choose one of auto, exact, approx", call="near_duplicates(sketches, 0.98, search='fast')"),
 ]
+
+
+def without_faiss(call):
+    """``call()`` with ``import faiss`` failing, as where the optional extra is not installed."""
+    saved = sys.modules.get("faiss")
+    sys.modules["faiss"] = None
+    try:
+        return call()
+    finally:
+        if saved is None:
+            del sys.modules["faiss"]
+        else:
+            sys.modules["faiss"] = saved
 
 
 @contextlib.contextmanager

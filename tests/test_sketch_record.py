@@ -83,7 +83,8 @@ def test_sketches_are_saved_and_loaded_with_their_projection_in_the_metadata(tok
     loaded = GradientRecord.load(str(tmp_path))
     np.testing.assert_array_equal(loaded.sketches, trainer.record.sketches)
     assert loaded.metadata["sketch"] == {"dim": DIM, "seed": 7, "projection": "gaussian_rank_side_exact",
-                                         "epochs": [2], "matrices": len(trainer.recorder.modules["member_0"])}
+                                         "epochs": [2], "matrices": len(trainer.recorder.modules["member_0"]),
+                                         "storage": "members", "dtype": "float32"}
     mapped = GradientRecord.load(str(tmp_path), mmap=True)
     np.testing.assert_array_equal(mapped.sketches, trainer.record.sketches)
 
@@ -110,14 +111,15 @@ def test_unsupported_sketch_settings_are_refused(kw, match, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["train", "snapshot"])
-def test_two_processes_give_the_single_process_sketches(mode, tmp_path):
+@pytest.mark.parametrize("mode, storage", [("train", "members"), ("snapshot", "members"), ("train", "mean")])
+def test_two_processes_give_the_single_process_sketches(mode, storage, tmp_path):
     from test_distributed_and_resume import score
 
-    single = score(tmp_path / "one", "--batch", "4", "--record_mode", mode, "--sketch_dim", str(DIM))
-    # 64 values per all-reduce: one row of sketches (2 members x 1 epoch x 64) at a time
-    double = score(tmp_path / "two", "--batch", "2", "--record_mode", mode, "--sketch_dim", str(DIM),
-                   "--gather_chunk", "64", processes=2)
+    flags = ["--record_mode", mode, "--sketch_dim", str(DIM), "--sketch_storage", storage]
+    single = score(tmp_path / "one", "--batch", "4", *flags)
+    # 64 values per all-reduce: one row of sketches (2 members x 1 epoch x 64) at a time; with the member mean,
+    # each process adds its members' parts of a row, and the merge sums them
+    double = score(tmp_path / "two", "--batch", "2", *flags, "--gather_chunk", "64", processes=2)
     assert np.isfinite(double.sketches).all()  # every row recorded, exactly once (else the merge raises)
     assert_sketches(double.sketches, single.sketches)
     assert double.metadata["sketch"] == single.metadata["sketch"]

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run" and not ("-h" in rest or "--help" in rest):  # --help: HfArgumentParser's, below
         try:
             run(*_parse_run(rest))
-        except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
+        except (ValueError, FileNotFoundError, TypeError, FloatingPointError, ImportError) as err:
             print(f"hf-gradfilter run: error: {err}", file=sys.stderr)
             return 2
         return 0
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             rest += [x for k, v in defaults.items() if k not in given for x in (f"--{k}", str(v))]
         _check_flags(parser, command, rest)
         call(*parser.parse_args_into_dataclasses(rest))
-    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError, ImportError) as err:
         print(f"hf-gradfilter {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -44,6 +44,7 @@ def main():
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--record_mode", default="train")
     parser.add_argument("--sketch_dim", type=int, default=0)
+    parser.add_argument("--sketch_storage", default="members")
     parser.add_argument("--gather_chunk", type=int, default=0, help="values per all-reduce when merging records")
     args = parser.parse_args()
     if args.gather_chunk:
@@ -57,7 +58,7 @@ def main():
         output_dir=args.output_dir, num_members=2, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch, num_train_epochs=2, learning_rate=5e-3, lora_r=4, lora_alpha=8,
         max_length=256, disable_tqdm=True, seed=3, use_cpu=True, record_mode=args.record_mode,
-        sketch_dim=args.sketch_dim,
+        sketch_dim=args.sketch_dim, sketch_storage=args.sketch_storage,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, logging_steps=1000,
     )
     trainer = GradFilterTrainer(tiny_gpt2(tokenizer, n_embd=32, n_head=2), args=config, train_dataset=rows,

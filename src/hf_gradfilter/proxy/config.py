@@ -10,6 +10,8 @@ from ..data.formatting import DataFormatArguments
 from .sketch import sketch_factors
 
 RECORD_MODES = ("train", "snapshot", "none")
+SKETCH_STORAGES = ("members", "mean")
+SKETCH_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -68,13 +70,24 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
         Also record a ``sketch_dim``-dimensional random projection of each example's full LoRA
         gradient per member (``GradientRecord.sketches``; `proxy.sketch`: unbiased inner products,
         computed in batch from the norm hooks). 0: off. Use a power of 2 (256 ... 2048). Storage:
-        ``4 * num_members * len(sketch_epochs) * sketch_dim`` bytes per row (file-backed while training).
-        Not with ``stack_members``.
+        ``4 * num_members * len(sketch_epochs) * sketch_dim`` bytes per row (file-backed while training;
+        ``sketch_storage`` and ``sketch_dtype`` make it smaller). Not with ``stack_members``.
     sketch_epochs (`list[int]`, *optional*):
         The epochs (1-based) to sketch; `None`: the late epoch only.
     sketch_seed (`int`, *optional*, defaults to `0`):
         Seed of the projection (recorded in the record's metadata); runs with the same seed, dim and
         LoRA layout have comparable sketches.
+    sketch_storage (`str`, *optional*, defaults to `"members"`):
+        ``"members"``: every member's sketch, ``(N, M, E_s, d)``. ``"mean"``: only their mean,
+        ``(N, 1, E_s, d)``, M times smaller (kept as a float32 sum while training). The near-duplicate
+        flags and the clusters use the member mean either way (unchanged); target alignment then compares
+        member means (the cosine of the mean gradients, not the mean of the members' cosines; the cost of
+        that is measured in docs/ann_search.md).
+    sketch_dtype (`str`, *optional*, defaults to `"float32"`):
+        ``"float16"`` halves the storage (each value rounded to 11 significant bits; values beyond
+        65504 raise); readers compute in float32. Per row: ``4`` (float32) or ``2`` (float16) bytes times
+        ``d * len(sketch_epochs)`` times M (``members``) or 1 (``mean``): at 1M rows, M = 5, d = 1024, one
+        epoch, 20.5 GB, 10.2 GB, 4.1 GB or 2.0 GB.
 
     > Parameters that control the data
 
@@ -133,6 +146,11 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
     sketch_epochs: list[int] | None = field(
         default=None, metadata={"help": "Epochs (1-based) to sketch; default: the late epoch only."})
     sketch_seed: int = field(default=0, metadata={"help": "Seed of the sketch projection."})
+    sketch_storage: str = field(default="members", metadata={
+        "help": "'members': every member's sketch; 'mean': only the member mean (M times smaller).",
+        "choices": list(SKETCH_STORAGES)})
+    sketch_dtype: str = field(default="float32", metadata={
+        "help": "Sketch values in 'float32' or 'float16' (half the storage).", "choices": list(SKETCH_DTYPES)})
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per row (longer rows are cut)."})
 
     # TrainingArguments fields with other defaults
@@ -179,6 +197,9 @@ class GradFilterConfig(TrainingArguments, DataFormatArguments):
             raise ValueError(f"max_length={self.max_length}: use at least 2 tokens.")
 
     def _check_sketch(self) -> None:
+        for name, allowed in (("sketch_storage", SKETCH_STORAGES), ("sketch_dtype", SKETCH_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}.")
         if not self.sketch_dim:
             return
         sketch_factors(self.sketch_dim)  # raises for a dim that does not split well

@@ -31,23 +31,26 @@ def merge_records(local, merged, device) -> None:
     """Fill ``merged`` with every process's recorded values of ``local`` (`GradientRecord` objects of the
     same rows; a collective call: every process takes part, with its own ``local``).
 
-    Merges ``sketches`` too when the records have them. Runs in blocks of about `GATHER_CHUNK_VALUES`
+    Merges ``sketches`` too when the records have them (a member mean, ``sketch_storage="mean"``, is a sum of the
+    processes' parts: several may have added to one row). Runs in blocks of about `GATHER_CHUNK_VALUES`
     values (two all-reduces each: the values with NaN as 0, and how many processes recorded each).
     Raises RuntimeError, naming the example ids, if any (example, member, epoch) was recorded by more
     than one process.
     """
     keys = ("norms", "losses", "cosines") + (("sketches",) if local.sketches is not None else ())
+    mean = local.sketches is not None and local.metadata.get("sketch", {}).get("storage") == "mean"
     for key in keys:
         source, target = getattr(local, key), getattr(merged, key)
+        summed = key == "sketches" and mean
         step = max(1, GATHER_CHUNK_VALUES // int(np.prod(source.shape[1:])))  # rows per all-reduce
         for start in range(0, local.num_examples, step):
-            block = torch.from_numpy(np.array(source[start : start + step]))
+            block = torch.from_numpy(np.array(source[start : start + step], dtype=np.float32))
             values = torch.nan_to_num(block, nan=0.0).to(device)
             counts = (~torch.isnan(block)).to(torch.int32).to(device)
             torch.distributed.all_reduce(values)
             torch.distributed.all_reduce(counts)
             values, counts = values.cpu().numpy(), counts.cpu().numpy()
-            if (counts > 1).any():
+            if (counts > 1).any() and not summed:
                 rows = local.example_id[start + np.unique(np.nonzero(counts > 1)[0])][:10].tolist()
                 raise RuntimeError(f"Example id(s) {rows} were recorded by more than one process.")
-            target[start : start + step] = np.where(counts == 1, values, np.nan)
+            target[start : start + step] = np.where(counts == 1 if not summed else counts >= 1, values, np.nan)

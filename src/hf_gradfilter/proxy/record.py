@@ -4,8 +4,9 @@ Saved as one safetensors file (no pickle): tensors ``norms``, ``losses`` and ``c
 ``(N, M, E)`` (float32, NaN where an example has no value), ``example_id`` and ``row_hash`` of
 shape ``(N,)`` (int64), and JSON metadata (the config, the data format, the dataset fingerprint).
 Records written before ``cosines`` existed load with an all-NaN ``cosines``. With sketches on
-(``GradFilterConfig.sketch_dim``), also ``sketches`` ``(N, M, E_s, d)`` and ``metadata["sketch"]`` (the
-projection, its seed and ``d``, and the 1-based epochs of the E_s slots; `proxy.sketch`).
+(``GradFilterConfig.sketch_dim``), also ``sketches`` ``(N, M, E_s, d)`` (``(N, 1, E_s, d)``: the member mean, with
+``sketch_storage="mean"``; float32 or float16) and ``metadata["sketch"]`` (the projection, its seed and ``d``, the
+1-based epochs of the E_s slots, the storage and dtype; `proxy.sketch`).
 
 Large records need not live in anonymous memory: `GradientRecord.empty` can put the arrays in
 unnamed temporary files (``np.memmap``; the trainer does, in its output directory), and
@@ -44,8 +45,9 @@ class GradientRecord:
         example_id: ``(N,)`` position of each row in the scored dataset.
         row_hash: ``(N,)`` 64-bit hash of each row's formatted fields.
         metadata: JSON-serialisable info (``config``, ``format``, ``fingerprint``, ``record_mode``...).
-        sketches: ``(N, M, E_s, d)`` float32 or None: each example's gradient sketch (`proxy.sketch`) per
-            member, in the sketched epochs ``metadata["sketch"]["epochs"]`` (1-based); NaN where not recorded.
+        sketches: ``(N, M, E_s, d)`` or None: each example's gradient sketch (`proxy.sketch`) per member, in the
+            sketched epochs ``metadata["sketch"]["epochs"]`` (1-based); NaN where not recorded. ``(N, 1, E_s, d)``:
+            the member mean only (``sketch_storage="mean"``). float32, or float16 (``sketch_dtype``).
     """
 
     norms: np.ndarray
@@ -65,17 +67,22 @@ class GradientRecord:
             raise ValueError(f"cosines {self.cosines.shape} must have the shape of norms {self.norms.shape}.")
         n = self.norms.shape[0]
         sketches = self.sketches
-        if sketches is not None and (sketches.ndim != 4 or sketches.shape[:2] != self.norms.shape[:2]):
-            raise ValueError(f"sketches {sketches.shape} must be (N, M, E_s, d) with (N, M) = {self.norms.shape[:2]}.")
+        if sketches is not None and (sketches.ndim != 4 or sketches.shape[0] != n
+                                     or sketches.shape[1] not in (self.norms.shape[1], 1)):
+            raise ValueError(f"sketches {sketches.shape} must be (N, M, E_s, d) or (N, 1, E_s, d) (the member mean) "
+                             f"with (N, M) = {self.norms.shape[:2]}.")
         if self.example_id.shape != (n,) or self.row_hash.shape != (n,):
             raise ValueError(f"example_id {self.example_id.shape} and row_hash {self.row_hash.shape} must be ({n},).")
 
     @classmethod
     def empty(cls, example_id, row_hash, num_members: int, num_epochs: int, metadata=None,
               directory: str | None = None, copy: bool = True,
-              sketch_shape: tuple[int, int] | None = None) -> GradientRecord:
+              sketch_shape: tuple[int, int] | None = None, sketch_members: int | None = None,
+              sketch_dtype=np.float32) -> GradientRecord:
         """An all-NaN record for the rows ``example_id`` / ``row_hash`` (copied in; with ``copy=False``
-        the given int64 arrays are used as they are, e.g. shared with another record).
+        the given int64 arrays are used as they are, e.g. shared with another record). ``sketch_shape``: ``(E_s, d)``
+        of the sketches, if any, with ``sketch_members`` on the member axis (default ``num_members``; 1: the mean)
+        and ``sketch_dtype``.
 
         With ``directory``, every new array is an ``np.memmap`` on an unnamed temporary file there
         (see `file_array`): the record is written to disk as it fills, its pages are the kernel's to
@@ -87,7 +94,8 @@ class GradientRecord:
             ids = [file_array((n,), np.int64, 0, directory) for _ in range(2)]
             ids[0][:], ids[1][:] = example_id, row_hash
             example_id, row_hash = ids
-        sketches = None if sketch_shape is None else file_array(shape[:2] + tuple(sketch_shape), np.float32, np.nan,
+        members = num_members if sketch_members is None else sketch_members
+        sketches = None if sketch_shape is None else file_array((n, members, *sketch_shape), sketch_dtype, np.nan,
                                                                 directory)
         return cls(arrays[0], arrays[1], example_id, row_hash, dict(metadata or {}), arrays[2], sketches)
 
@@ -128,7 +136,8 @@ class GradientRecord:
             "row_hash": np.ascontiguousarray(self.row_hash, dtype=np.int64),
         }
         if self.sketches is not None:
-            tensors["sketches"] = np.ascontiguousarray(self.sketches, dtype=np.float32)
+            half = self.sketches.dtype == np.float16  # kept in float16 when recorded so (sketch_dtype)
+            tensors["sketches"] = np.ascontiguousarray(self.sketches, dtype=np.float16 if half else np.float32)
         meta = {**self.metadata, "fingerprint": self.fingerprint}
         tmp = path + ".tmp"
         save_file(tensors, tmp, metadata={"hf_gradfilter": json.dumps(meta, default=str)})

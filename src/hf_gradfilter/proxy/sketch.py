@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .record import file_array
+
 PROJECTION = "gaussian_rank_side_exact"  # recorded in the record's metadata (`matrix_factors`)
 
 
@@ -170,3 +172,46 @@ def member_sketcher(recorder, args) -> LoraSketcher | None:
         raise ValueError(f"Sketches need every member to have the same LoRA matrices; {odd} differ from the first "
                          "member's. Build the members with one LoRA config, or set sketch_dim=0.")
     return LoraSketcher(next(iter(recorder.modules.values())), args.sketch_dim, args.sketch_seed)
+
+
+def sketch_layout(args) -> dict:
+    """`GradientRecord.empty`'s ``sketch_members`` (M, or 1 for ``sketch_storage="mean"``) and ``sketch_dtype`` of
+    the record's sketch array while training under ``args`` (a `GradFilterConfig`): a member mean is summed in
+    float32, whatever its final dtype (`final_sketches`)."""
+    mean = args.sketch_storage == "mean"
+    half = args.sketch_dtype == "float16" and not mean
+    return {"sketch_members": 1 if mean else args.num_members, "sketch_dtype": np.float16 if half else np.float32}
+
+
+def store_sketches(array: np.ndarray, rows: np.ndarray, member: int, slot: int, values: np.ndarray,
+                   num_members: int) -> None:
+    """Put member ``member``'s ``(B, d)`` sketches of ``rows`` in the record's ``array`` ``(N, M or 1, E_s, d)``:
+    at the member, or with one member axis (``sketch_storage="mean"``) added into it as ``values / M`` (every
+    member records every row once per sketched epoch, so the sum ends as the mean; a row no member recorded
+    stays NaN)."""
+    if array.shape[1] == 1 and num_members > 1:
+        now = array[rows, 0, slot]
+        array[rows, 0, slot] = np.where(np.isnan(now), 0, now) + values / np.float32(num_members)
+        return
+    if array.dtype == np.float16:
+        values = _to_float16(values)
+    array[rows, member, slot] = values
+
+
+def _to_float16(values: np.ndarray) -> np.ndarray:
+    out = values.astype(np.float16)
+    if np.isinf(out).any() and not np.isinf(values).any():
+        raise FloatingPointError(f"A gradient sketch value ({np.abs(values).max():.3g}) is beyond float16's range "
+                                 "(65504): use sketch_dtype='float32'.")
+    return out
+
+
+def final_sketches(array: np.ndarray | None, dtype: str, directory: str | None = None, block: int = 65536):
+    """``array`` in ``dtype`` (``"float16"``: a new array, file-backed in ``directory`` like the record's, copied in
+    blocks of rows; ``array`` itself when it has that dtype already)."""
+    if array is None or array.dtype == np.dtype(dtype):
+        return array
+    out = file_array(array.shape, np.dtype(dtype), np.nan, directory)
+    for i in range(0, len(array), block):
+        out[i:i + block] = _to_float16(np.asarray(array[i:i + block]))
+    return out

@@ -67,7 +67,7 @@ from .record import GradientRecord
 from .rerecord import rerecord
 from .rows import select_positions, survey_rows
 from .sampler import EpochLoader, MemberCollator, MemberRows, MemberSampler
-from .sketch import member_sketcher
+from .sketch import final_sketches, member_sketcher, sketch_layout, store_sketches
 from .snapshot import SnapshotCallback, length_order, record_snapshot, snapshot_batches
 from .stacked import record_snapshot_stacked, stacked_training_step, warn_base_dropout
 
@@ -172,9 +172,11 @@ class GradFilterTrainer(Trainer):
                 "members": self.member_names,
                 "base_model": getattr(self.model.peft_config[self.member_names[0]], "base_model_name_or_path", None),
                 "config": {k: v for k, v in args.to_dict().items() if not k.endswith("token")},
-                **({"sketch": self.recorder.sketcher.metadata(sketched)} if sketched else {}),
+                **({"sketch": {**self.recorder.sketcher.metadata(sketched), "storage": args.sketch_storage,
+                               "dtype": args.sketch_dtype}} if sketched else {}),
             },
             sketch_shape=(len(sketched), args.sketch_dim) if sketched else None,
+            **sketch_layout(args),
         )
         self.record = self._local  # this process's rows; `gather_record` merges all processes'
         self._merged = None  # with several processes: the merged record (files too), made by the first gather
@@ -216,6 +218,7 @@ class GradFilterTrainer(Trainer):
             logger.warning(f"{count} member batch(es) overflowed (fp16 loss scale) and were recorded "
                            "again in float32; the loss scaler skips the optimizer step of such a batch.")
         self.gather_record()
+        self.record.sketches = final_sketches(self.record.sketches, self.args.sketch_dtype, self.args.output_dir)
         self.learning_check = check = learning_check(self.record, self.args.early_epoch, self.args.late_epoch,
                                                      learning_rate=self.args.learning_rate)
         self.record.metadata["learning_check"] = check.to_dict()
@@ -335,8 +338,8 @@ class GradFilterTrainer(Trainer):
         rows = example_ids.cpu().numpy()
         sketches = self.recorder.sketches  # (B, d) in a sketched epoch, else None
         if sketches is not None:
-            sketches = sketches if keep is None else sketches[keep]
-            self._local.sketches[rows, m, self._sketch_slot[epoch]] = sketches.detach().cpu().numpy()
+            sketches = (sketches if keep is None else sketches[keep]).detach().cpu().numpy()
+            store_sketches(self._local.sketches, rows, m, self._sketch_slot[epoch], sketches, self.args.num_members)
         self._local.norms[rows, m, epoch] = norms.detach().float().cpu().numpy()
         self._local.losses[rows, m, epoch] = losses.detach().float().cpu().numpy()
         if cosines is not None:
@@ -373,7 +376,8 @@ class GradFilterTrainer(Trainer):
         if self._merged is None:
             sketch_shape = None if local.sketches is None else local.sketches.shape[2:]
             self._merged = GradientRecord.empty(local.example_id, local.row_hash, local.num_members, local.num_epochs,
-                                                directory=self.args.output_dir, copy=False, sketch_shape=sketch_shape)
+                                                directory=self.args.output_dir, copy=False, sketch_shape=sketch_shape,
+                                                **sketch_layout(self.args))
             self._merged.metadata = local.metadata  # one dict: what the trainer adds later shows in both
         merge_records(local, self._merged, self.args.device)
         self.record = self._merged

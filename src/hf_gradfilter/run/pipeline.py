@@ -62,6 +62,7 @@ _NOT_INPUTS = ("output_dir", "logging", "save_", "report_to", "run_name", "disab
                "metric_for_best_model", "prediction_loss_only", "log_on_each_node", "local_rank",
                "skip_memory_metrics", "restore_callback_states_from_checkpoint", "torch_empty_cache_steps",
                "enable_jit_checkpoint")
+_LATER_DEFAULTS = {"sketch_storage": "members", "sketch_dtype": "float32"}
 
 
 @dataclass
@@ -160,12 +161,16 @@ def make_score_stage(args: RunArguments, config, out: str) -> Stage:
     return Stage("score", folder, {
         "dataset": keep_recorded_revision(dataset_identity(args), folder, "dataset"),
         "model": None if args.demo else args.model_name_or_path, "proxy": proxy_inputs(config),
-        "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model, "canaries": args.canaries})
+        "extra_scores": sorted(args.extra_scores), "ifd_model": args.ifd_model, "canaries": args.canaries,
+        # a forced near-duplicate search rescores; the default keeps older fingerprints
+        **({"near_duplicate_search": args.near_duplicate_search} if args.near_duplicate_search != "auto" else {})})
 
 
 def proxy_inputs(config) -> dict:
-    """The proxy's training settings that decide the record (no logging/saving/output fields)."""
-    return {k: v for k, v in config.to_dict().items() if not k.startswith(_NOT_INPUTS)}
+    """The proxy's training settings that decide the record (no logging/saving/output fields; fields added since
+    runs were first fingerprinted only when they differ from their default, so older runs' stages stay done)."""
+    return {k: v for k, v in config.to_dict().items()
+            if not k.startswith(_NOT_INPUTS) and _LATER_DEFAULTS.get(k, _NOT_INPUTS) != v}
 
 
 def tag(column: str, ratio: float) -> str:

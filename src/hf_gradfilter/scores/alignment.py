@@ -12,6 +12,11 @@ gradients at each checkpoint (summed over checkpoints with the learning rate as 
 checkpoint: the end of training) and takes the maximum over target subtasks (here one target set).
 Unlike LESS, the gradients are plain SGD gradients, not Adam-preconditioned ones. Higher is kept. In
 [-1, 1]; NaN where a row has no finite sketch.
+
+A record that keeps only each row's member mean (``sketch_storage="mean"``: ``sketches`` ``(N, 1, d)``) is
+compared with the member mean of each target row's sketch: ``align_n = (1/J) sum_j cos(s_n, t_j)``, both
+averaged over the members first (the cosine of the mean gradients, not the mean of the members' cosines;
+docs/ann_search.md measures the difference).
 """
 
 from __future__ import annotations
@@ -42,9 +47,15 @@ def target_direction(target_sketches) -> np.ndarray:
 
 
 def target_alignment(sketches, target_sketches, block: int = 8192) -> np.ndarray:
-    """``(N,)`` float64 ``align_n`` (module docstring) of rows ``sketches`` ``(N, M, d)`` (a memory-mapped
-    array is read ``block`` rows at a time) against ``target_sketches`` ``(J, M, d)``."""
-    tbar = target_direction(target_sketches)
+    """``(N,)`` float64 ``align_n`` (module docstring) of rows ``sketches`` ``(N, M, d)`` or ``(N, 1, d)`` (the member
+    mean; float32 or float16, computed in float64; a memory-mapped array is read ``block`` rows at a time) against
+    ``target_sketches`` ``(J, M, d)``."""
+    target = np.asarray(target_sketches, dtype=np.float64)
+    if len(np.shape(sketches)) == 3 and np.shape(sketches)[1] == 1 and target.ndim == 3 and target.shape[1] > 1:
+        with warnings.catch_warnings():  # the rows keep only their member mean: compare the target's
+            warnings.simplefilter("ignore", RuntimeWarning)
+            target = np.nanmean(target, axis=1, keepdims=True)
+    tbar = target_direction(target)
     if np.shape(sketches)[1:] != tbar.shape:
         raise ValueError(f"Sketch shapes differ: rows {np.shape(sketches)[1:]} vs target {tbar.shape} (M, d); "
                          "sketch both with the same proxy.")

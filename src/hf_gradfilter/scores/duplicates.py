@@ -5,9 +5,10 @@ Exact repeats of a row get the same gradient at the same weights (snapshot mode)
 agree to float rounding; rows that say the same thing in other words pull the LoRA weights the same
 way and land near each other. Pure numpy over arrays (memory-mapped ones welcome): rows are compared
 in blocks of ``block`` by matrix products, so memory is ``O(block * (block + d))``, never ``O(N^2)``;
-time is ``O(N^2 d / 2)`` multiply-adds: 16,384 rows (M = 5, d = 1024) take 3.7 s on one CPU core, so
-about 40 s at Alpaca's 52k rows and about 4 hours at 1M rows (there, an approximate nearest-neighbour index
-would be the tool).
+time is ``O(N^2 d / 2)`` multiply-adds: on one CPU thread (d = 1024) 31 s at Alpaca's 52k rows and about
+3 hours at 1M rows (docs/ann_search.md). From `search.APPROX_FROM_ROWS` rows
+``search="auto"`` uses an approximate index instead (`search`: faiss IVF, the optional extra ``[ann]``), with
+the same rule that a row points only to an earlier one; docs/ann_search.md has its times and recall.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import warnings
 
 import numpy as np
 
+from .search import approx_nearest_earlier, resolve_search
 
-def _unit_rows(sketches, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` as float32 unit vectors (members averaged when 3-D); rows without a finite,
-    non-zero sketch become zero vectors, which match nothing."""
-    block = np.asarray(sketches[start:stop], dtype=np.float32)
+
+def _unit_rows(sketches, start, stop: int | None = None) -> np.ndarray:
+    """Rows ``start:stop`` (or the positions ``start``, an index array) as float32 unit vectors (members averaged
+    when 3-D; float16 sketches are read as float32); rows without a finite, non-zero sketch become zero vectors,
+    which match nothing."""
+    block = np.asarray(sketches[start:stop] if stop is not None else sketches[start], dtype=np.float32)
     if block.ndim == 3:  # (rows, M, d): the member mean, over the members that recorded the row
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -30,19 +34,25 @@ def _unit_rows(sketches, start: int, stop: int) -> np.ndarray:
     return np.where(ok, block / np.where(ok, norms, 1), 0).astype(np.float32)
 
 
-def nearest_earlier(sketches, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def nearest_earlier(sketches, block: int = 2048, search: str = "auto", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the earlier row whose sketch is most like its own, and their cosine.
 
     Args:
         sketches: ``(N, d)``, or ``(N, M, d)`` (averaged over the M members, NaN members left out),
-            e.g. ``record.sketches[:, :, slot]`` (`record_sketches`).
+            e.g. ``record.sketches[:, :, slot]`` (`record_sketches`); float16 is read as float32.
         block: rows compared at a time.
+        search: ``"exact"``; ``"approx"`` (an IVF index, `search.approx_nearest_earlier`: needs the extra
+            ``[ann]``; a row still points only to an earlier row, but not always to the most similar one); or
+            ``"auto"``: approximate from `search.APPROX_FROM_ROWS` rows when faiss is installed, else exact.
+        seed: the approximate index's seed (training sample and k-means).
 
     Returns:
         ``(N,)`` int64 ``argmax_{j < i} cos(s_i, s_j)`` (the smallest such j on ties; -1 for the first
         row and rows without a finite, non-zero sketch) and the ``(N,)`` float32 cosine (NaN where -1).
     """
     n = len(sketches)
+    if resolve_search(n, search) == "approx":
+        return approx_nearest_earlier(sketches, _unit_rows, block=block, seed=seed)
     index = np.full(n, -1, dtype=np.int64)
     best = np.full(n, -np.inf, dtype=np.float32)
     for i0 in range(0, n, block):
@@ -63,13 +73,13 @@ def nearest_earlier(sketches, block: int = 2048) -> tuple[np.ndarray, np.ndarray
     return index, np.where(index >= 0, best, np.nan).astype(np.float32)
 
 
-def near_duplicates(sketches, threshold: float = 0.98, block: int = 2048) -> np.ndarray:
+def near_duplicates(sketches, threshold: float = 0.98, block: int = 2048, search: str = "auto") -> np.ndarray:
     """For each row, the earlier row whose sketch is most like its own if their cosine is ``>= threshold``,
-    else -1 (`nearest_earlier`; ``threshold`` in ``(0, 1]``). A row whose sketch is missing (NaN) or zero
-    is never flagged nor matched."""
+    else -1 (`nearest_earlier`, with its ``search``; ``threshold`` in ``(0, 1]``). A row whose sketch is missing
+    (NaN) or zero is never flagged nor matched."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold={threshold}: a cosine in (0, 1], e.g. 0.98.")
-    index, cos = nearest_earlier(sketches, block)
+    index, cos = nearest_earlier(sketches, block, search)
     return np.where(cos >= threshold, index, -1)
 
 
@@ -88,15 +98,15 @@ def record_sketches(record, epoch: int | None = None):
     return record.sketches[:, :, epochs.index(epoch)]
 
 
-def nearest_earlier_ids(record, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`nearest_earlier` over ``record``'s member-averaged sketches at ``epoch``, rows in ``example_id``
-    order: ``(N,)`` int64 example id of each row's most similar earlier row (-1: none) and ``(N,)`` cosine,
-    both aligned with ``record.example_id``."""
+def nearest_earlier_ids(record, epoch: int | None = None, search: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """`nearest_earlier` (with its ``search``) over ``record``'s member-averaged sketches at ``epoch``, rows in
+    ``example_id`` order: ``(N,)`` int64 example id of each row's most similar earlier row (-1: none) and ``(N,)``
+    cosine, both aligned with ``record.example_id``."""
     order = np.argsort(record.example_id, kind="stable")
     sketches = record_sketches(record, epoch)
     if not np.array_equal(order, np.arange(len(order))):
         sketches = sketches[order]
-    earlier, cos = nearest_earlier(sketches)
+    earlier, cos = nearest_earlier(sketches, search=search)
     ids = np.asarray(record.example_id)[order]
     out_ids, out_cos = np.full(len(order), -1, dtype=np.int64), np.empty(len(order), dtype=np.float32)
     out_ids[order] = np.where(earlier >= 0, ids[np.maximum(earlier, 0)], -1)
@@ -104,11 +114,11 @@ def nearest_earlier_ids(record, epoch: int | None = None) -> tuple[np.ndarray, n
     return out_ids, out_cos
 
 
-def near_duplicate_ids(record, threshold: float = 0.98, epoch: int | None = None) -> np.ndarray:
+def near_duplicate_ids(record, threshold: float = 0.98, epoch: int | None = None, search: str = "auto") -> np.ndarray:
     """``(N,)`` int64: for each row of ``record``, the ``example_id`` of the earlier row (by example id) whose
     member-averaged sketch at ``epoch`` is most like its own if their cosine is ``>= threshold``, else -1
-    (`nearest_earlier_ids`)."""
+    (`nearest_earlier_ids`, with its ``search``)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold={threshold}: a cosine in (0, 1], e.g. 0.98.")
-    ids, cos = nearest_earlier_ids(record, epoch)
+    ids, cos = nearest_earlier_ids(record, epoch, search)
     return np.where(cos >= threshold, ids, -1)

@@ -24,6 +24,7 @@ from .checks import failure_signatures
 from .duplicates import nearest_earlier_ids
 from .ifd import BaseLossScorer, IFDScorer
 from .scorers import HIGHER_IS_BETTER, DynamicsScorer, LengthScorer, RandomScorer, RecordScorer, score_dataset
+from .search import require_faiss, resolve_search
 
 
 @dataclass
@@ -55,6 +56,10 @@ class ScoreArguments:
                 "then left out of every output; <output_dir>/canaries.json says how often each score ranks an "
                 "original above its damaged copy, on your data. Costs that share more proxy compute, and the members "
                 "also train on the copies (their originals' scores shift a little). 0: off."})
+    near_duplicate_search: str = field(default="auto", metadata={
+        "help": "How sketch_nearest_id / sketch_nearest_cos are found (with --sketch_dim): exact, approx (a faiss IVF "
+                "index: pip install 'hf-gradfilter[ann]'), or auto: approximate from 20,000 rows when faiss is "
+                "installed (docs/ann_search.md).", "choices": ["auto", "exact", "approx"]})
 
 
 def score(args: ScoreArguments, config: GradFilterConfig):
@@ -62,6 +67,9 @@ def score(args: ScoreArguments, config: GradFilterConfig):
     if args.demo and args.dataset_name:
         raise ValueError(f"Pass either --demo or --dataset_name (got both: --dataset_name {args.dataset_name}); "
                          "--demo scores the embedded demo dataset instead of your file.")
+    resolve_search(0, args.near_duplicate_search)  # a bad name is refused before training
+    if args.near_duplicate_search == "approx" and config.sketch_dim:
+        require_faiss("--near_duplicate_search approx")
     if args.demo:
         from ..demo.backbone import demo_proxy
         from ..demo.data import make_demo_dataset
@@ -146,7 +154,7 @@ def print_canary_table(table: dict, limit: int = 12) -> None:
         print(f"  {name:<18} {row['all']:5.2f}  " + "  ".join(f"{row[k]:12.2f}" for k in kinds))
 
 
-def score_columns(rows, trainer, record=None):
+def score_columns(rows, trainer, record=None, search: str = "auto"):
     """``rows`` (the ones ``trainer`` trained on) with every column `hf-gradfilter score` adds by default:
     `GSNRScorer`'s (``fit_rank``, ``gsnr`` and its parts), `RecordScorer`'s ablations, near-duplicate columns
     when the record holds sketches, ``response_length``, ``base_loss`` and the literature's keep-scores,
@@ -156,15 +164,16 @@ def score_columns(rows, trainer, record=None):
         scored = score_columns(rows, trainer)
         top10, stats = select_top(scored, fraction=0.10)
 
-    ``record``: default ``trainer.record``."""
+    ``record``: default ``trainer.record``; ``search``: how the near-duplicate columns are found
+    (`duplicates.nearest_earlier`)."""
     record = trainer.record if record is None else record
-    return _record_columns(score_dataset(rows, record), trainer, trainer.processing_class, record)
+    return _record_columns(score_dataset(rows, record), trainer, trainer.processing_class, record, search=search)
 
 
-def _record_columns(scored, trainer, tokenizer, record, base_columns=None):
+def _record_columns(scored, trainer, tokenizer, record, base_columns=None, search: str = "auto"):
     scored = scored.map(RecordScorer(record), batched=True, with_indices=True, desc="Ablations")
     if record.sketches is not None:  # scored with --sketch_dim
-        scored = add_nearest_columns(scored, record)
+        scored = add_nearest_columns(scored, record, search)
     return add_dynamics_columns(scored, trainer, tokenizer, record, base_columns)
 
 
@@ -174,7 +183,7 @@ def add_scores(scored, trainer, args: ScoreArguments, model, tokenizer, record=N
     computed for these rows)."""
     record = trainer.record if record is None else record
     fmt = trainer.instruction_format
-    scored = _record_columns(scored, trainer, tokenizer, record, base_columns)
+    scored = _record_columns(scored, trainer, tokenizer, record, base_columns, args.near_duplicate_search)
     for name in args.extra_scores:
         if name == "response_length":  # always added by add_dynamics_columns
             continue
@@ -219,12 +228,13 @@ def add_dynamics_columns(scored, trainer, tokenizer, record, base_columns=None):
     return scored.map(scorer, batched=True, with_indices=True, desc="Literature scores")
 
 
-def add_nearest_columns(scored, record):
+def add_nearest_columns(scored, record, search: str = "auto"):
     """``scored`` (the rows ``record`` was made from: matched by ``example_id``, or by position) with
     ``sketch_nearest_id`` (the example id of the earlier row whose member-averaged late-epoch gradient sketch
     is most like the row's; -1: none) and ``sketch_nearest_cos`` (their cosine; NaN: none), from
-    `duplicates.nearest_earlier_ids`. ``select --drop_near_duplicates COS`` drops rows whose cosine >= COS."""
-    ids, cos = nearest_earlier_ids(record)
+    `duplicates.nearest_earlier_ids` (``search``: exact, approx or auto). ``select --drop_near_duplicates COS`` drops
+    rows whose cosine >= COS."""
+    ids, cos = nearest_earlier_ids(record, search=search)
     at = record_rows(record, scored)
     scored = scored.add_column("sketch_nearest_id", ids[at].tolist())
     return scored.add_column("sketch_nearest_cos", cos[at].astype(np.float64).tolist())

@@ -14,7 +14,8 @@ left after truncation get NaN. Forward only, no gradient, eval mode: the same nu
 forward of the row to float rounding (tests/test_embeddings.py).
 
 Computed at select time (the ``columns`` stage of `run`) from the ``score`` run's proxy, not in the
-recording pass: a second, forward-only pass over the rows (about a third of one member-epoch of scoring).
+recording pass: a second, forward-only pass over the rows (on the demo, 2-3 s for 1,500 rows against 30 s of
+proxy training; docs/sketch_selection_demo.md).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def embed_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
     ``max_length``), under the backbone of ``trainer`` (a `GradFilterTrainer`) with every member switched off."""
     args = trainer.args
     tokenized, usable = tokenize_probe_rows(trainer, rows)
+    if len(usable) == 0:
+        raise ValueError("No row has a response token left after truncation: nothing to embed (raise --max_length).")
     size = batch_size or args.per_device_eval_batch_size
     model = trainer.accelerator.unwrap_model(trainer.model)
     body = model.get_base_model().base_model
-    out = None
+    out = np.full((len(rows), model.config.get_text_config().hidden_size), np.nan, dtype=np.float32)
     was_training = model.training
     model.eval()
     try:
@@ -55,12 +58,7 @@ def embed_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
             for start in tqdm(range(0, len(usable), size), desc="Embedding rows", disable=args.disable_tqdm):
                 idx = usable[start:start + size]
                 batch = trainer._prepare_inputs(pad_rows(tokenized[idx.tolist()], trainer.pad_token_id))
-                emb = response_mean_hidden(body, batch).cpu().numpy()
-                if out is None:
-                    out = np.full((len(rows), emb.shape[1]), np.nan, dtype=np.float32)
-                out[idx] = emb
+                out[idx] = response_mean_hidden(body, batch).cpu().numpy()
     finally:
         model.train(was_training)
-    if out is None:
-        raise ValueError("No row has a response token left after truncation: nothing to embed (raise --max_length).")
     return out

@@ -346,10 +346,15 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
     from hf_gradfilter.proxy.record import GradientRecord
 
     tag = recipe_tag(args)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    saved = _saved_pools(old, tag, pools)
     dets, checks, seconds = {}, {}, {}
     for name in ("1", "2", "3", "4"):
         path = work / f"pool{name}_{tag}.json"
         if not path.exists():
+            if name in saved:
+                dets[name], checks[name] = old["detection"][name], old["learning"][name]
+                seconds[name] = old["proxy_seconds"][name]
             continue
         run = json.loads(path.read_text())
         if json.loads((work / f"pool{name}.json").read_text()) != pools[name]:
@@ -365,7 +370,9 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
     if not {"1", "2"} <= set(dets):
         raise SystemExit(f"pools 1 and 2 must be scored with {tag} first (have: {sorted(dets)}).")
     decision = decide(dets)
-    others = {}  # every other recipe or proxy seed scored in `work`: measured beside the rule, not used by it
+    # every other recipe or proxy seed scored in `work` (or saved in `out` from an earlier work dir): measured
+    # beside the rule, not used by it
+    others = {k: v for k, v in old.get("others", {}).items() if v["pool"] in _saved_pools(old, None, pools)}
     for path in sorted(work.glob("pool[1234]_lr*_e*_s*_m*.json")):
         name, other = path.stem.split("_", 1)
         name = name.removeprefix("pool")
@@ -382,12 +389,24 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
             "learning": learning_check(rec, s, t, learning_rate=float(run["settings"]["learning_rate"])).to_dict(),
             "detection": {c: v for c, v in detection(keep_scores(run, base), pools[name]).items() if c in OTHER_SHOW}}
     result = {"recipe": tag, "decision": decision, "detection": dets, "learning": checks, "proxy_seconds": seconds,
-              "others": others, "pools": {k: rq._counts(v) for k, v in pools.items()}, "versions": rq.versions()}
-    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+              "others": dict(sorted(others.items())), "pools": {k: rq._counts(v) for k, v in pools.items()},
+              "versions": rq.versions()}
+    if saved:
+        result["reused"] = {"pools": sorted(saved), "versions": old.get("versions")}
     if old.get("downstream"):
         result["downstream"] = old["downstream"]
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _saved_pools(old: dict, tag: str | None, pools: dict) -> set[str]:
+    """Pools whose numbers a report saved before (``old``: its json) may stand in for records no longer in the work
+    dir (a lost cache: the proxies took hours): those of recipe ``tag`` (any recipe: None) whose saved pool, by
+    family and kind counts, is the pool built now. A pool built differently is never reused."""
+    if tag is not None and old.get("recipe") != tag:
+        return set()
+    return {p for p, counts in old.get("pools", {}).items()
+            if p in pools and counts == rq._counts(pools[p]) and (tag is None or p in old.get("detection", {}))}
 
 
 MARKER = "<!-- generated below by benchmarks/default_choice.py report -->"
@@ -406,6 +425,10 @@ def render(res: dict) -> str:
     d, dets = res["decision"], res["detection"]
     lines = [f"Recipe `{res['recipe']}` (SmolLM2-135M-Instruct proxy). Versions: "
              + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
+             *([f"Pools {', '.join(res['reused']['pools'])} of this recipe: the numbers of the previous report "
+                "(their proxy records were not in the work dir; the pools built now match them kind by kind), "
+                "made with " + ", ".join(f"{k} {v}" for k, v in (res["reused"]["versions"] or {}).items()) + ".",
+                ""] if res.get("reused") else []),
              "## Did the proxy learn? (the learning check, per pool)", "",
              "| pool | rows | mean response loss per epoch | change | rows whose energy fell | members' spread | "
              "verdict | proxy minutes |", "|---|---|---|---|---|---|---|---|"]

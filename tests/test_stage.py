@@ -53,3 +53,38 @@ def test_the_score_fingerprint_ignores_tracking_and_eval_fields_and_keeps_traini
     for change in ({"learning_rate": 1e-3}, {"seed": 7}, {"per_device_train_batch_size": 2}, {"lora_r": 4},
                    {"warmup_steps": 5}):
         assert proxy_inputs(GradFilterConfig(**base, **change)) != same, change
+
+
+def test_run_checks_the_target_model_only_while_a_fine_tune_stage_is_left(tmp_path, monkeypatch):
+    """`run --target_model` is refused at the door (before scoring) when it cannot be loaded, but a rerun whose
+    fine-tune stages are all done never loads it: it is not checked then (the stages' work is faked here)."""
+    import json
+
+    from hf_gradfilter import GradFilterConfig
+    from hf_gradfilter.run import pipeline, report
+
+    checked = []
+    monkeypatch.setattr(pipeline, "check_causal_lm", lambda name, flag, **kw: checked.append((name, flag)))
+    monkeypatch.setattr(pipeline, "_score", lambda args, config, folder: {})
+    monkeypatch.setattr(pipeline, "_select", lambda *a: {})
+
+    def finetune(args, config, selected, folder, out):
+        with open(f"{folder}/eval_metrics.json", "w") as f:
+            json.dump({"train_rows": 1}, f)
+        return {}
+
+    monkeypatch.setattr(pipeline, "_finetune", finetune)
+    monkeypatch.setattr(report, "write_report", lambda out: {"html": "r.html", "md": "r.md"})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "a", "output": "b"}\n')
+    args = pipeline.RunArguments(dataset_name=str(rows), target_model="./gone", ratio=[0.25])
+    config = GradFilterConfig(output_dir=str(tmp_path / "run"), use_cpu=True)
+
+    assert set(pipeline.run(args, config).values()) == {"ran"}
+    assert checked == [("./gone", "--target_model")]
+    assert set(pipeline.run(args, config).values()) == {"skipped"}
+    assert len(checked) == 1  # every fine-tune stage was done: the target was not needed, nor checked
+    state = tmp_path / "run" / "finetune" / "neg_energy_token_top25pct" / "stage.json"
+    state.write_text(state.read_text().replace('"complete": true', '"complete": false'))
+    assert [k for k, v in pipeline.run(args, config).items() if v == "ran"] == ["finetune/neg_energy_token_top25pct"]
+    assert len(checked) == 2  # a fine-tune stage to redo: checked again, before anything ran

@@ -203,8 +203,6 @@ def run(args: RunArguments, config) -> dict:
     check_sketch_flags(args, config)
     if args.drop_text_duplicates is not None:
         check_text_duplicates(args.drop_text_duplicates, "--drop_text_duplicates")
-    if not args.demo and not args.skip_finetune:  # the target is loaded after scoring: refuse a bad one now
-        check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
     out = os.path.abspath(config.output_dir)
     score_stage = make_score_stage(args, config, out)
     # another run's scoring is refused; the same Hub dataset at a new commit (changed upstream) is scored again
@@ -215,16 +213,10 @@ def run(args: RunArguments, config) -> dict:
             f"--output_dir {config.output_dir} holds the score stage of another run "
             f"({', '.join(score_stage.changed_inputs())} differ; {took}): pass another --output_dir, or delete "
             f"{score_stage.folder} to score again there.")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "run_args.json"), "w") as f:
-        json.dump({"run": dataclasses.asdict(args), "proxy": proxy_inputs(config)}, f, indent=1, default=str)
-    statuses: dict[str, str] = {}
-
-    run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
-    scored_path = os.path.join(score_stage.folder, "scored")
-    columns_fp = None  # the sketch-derived and text-duplicate columns: a stage of their own when a flag asks for them
+    # every stage after scoring, planned now (a stage's fingerprint is its inputs', known before anything runs)
     text = None if args.drop_text_duplicates is None else text_settings(args.drop_text_duplicates,
                                                                         config.instruction_format)
+    columns = None  # the sketch-derived and text-duplicate columns: a stage of their own when a flag asks for them
     if args.target_dataset is not None or args.diversity_clusters is not None or text is not None:
         columns = Stage("columns", os.path.join(out, "columns"), {
             "score": score_stage.fingerprint, "seed": config.seed, "clusters": args.diversity_clusters,
@@ -233,32 +225,48 @@ def run(args: RunArguments, config) -> dict:
             "group": args.group_column if args.group_mode == "per_group" and args.diversity_clusters else None,
             **({"features": args.features} if args.features != "sketch" else {}),
             **({"text_duplicates": text} if text is not None else {})})  # absent when off: older runs stay done
-        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config), statuses)
-        scored_path, columns_fp = os.path.join(columns.folder, "scored"), columns.fingerprint
-
-    selections = {}  # name -> (folder, fingerprint)
+    columns_fp = columns and columns.fingerprint
+    selects = {}  # name -> (column, ratio, stage)
     for ratio in ratios:
         for column in [args.score_column] + (["random"] if args.baseline_random else []):
-            name = tag(column, ratio)
-            stage = Stage(f"select/{name}", os.path.join(out, "select", name), {
+            selects[tag(column, ratio)] = (column, ratio, Stage(f"select/{tag(column, ratio)}", os.path.join(
+                out, "select", tag(column, ratio)), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
                 "group": [args.group_column, args.group_mode],
                 "columns": columns_fp, "near_duplicates": args.drop_near_duplicates,
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None,
-                **({"text_duplicates": args.drop_text_duplicates} if text is not None else {})})
-            run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
-            selections[name] = (stage.folder, stage.fingerprint)
+                **({"text_duplicates": args.drop_text_duplicates} if text is not None else {})}))
+    finetunes = {} if args.skip_finetune else {name: Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
+        "select": stage.fingerprint, "target": _target_inputs(args), "seed": config.seed})
+        for name, (_, _, stage) in selects.items()}
+    if not args.demo and not all(main_decides(stage.done) for stage in finetunes.values()):
+        # the target is loaded after scoring: refuse a bad one now (not when every fine-tune is done already)
+        check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "run_args.json"), "w") as f:
+        json.dump({"run": dataclasses.asdict(args), "proxy": proxy_inputs(config)}, f, indent=1, default=str)
+    statuses: dict[str, str] = {}
+
+    run_stage(score_stage, lambda: _score(args, config, score_stage.folder), statuses, every_rank=True)
+    scored_path = os.path.join(score_stage.folder, "scored")
+    if columns is not None:
+        run_stage(columns, partial(_columns, scored_path, columns.folder, args, config), statuses)
+        scored_path = os.path.join(columns.folder, "scored")
+
+    selections = {}  # name -> (folder, fingerprint)
+    for name, (column, ratio, stage) in selects.items():
+        run_stage(stage, partial(_select, scored_path, stage.folder, column, ratio, args, config.seed), statuses)
+        selections[name] = (stage.folder, stage.fingerprint)
 
     targets, target_fps = {}, {}
-    if not args.skip_finetune:
-        for name, (folder, select_fp) in selections.items():
-            stage = Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
-                "select": select_fp, "target": _target_inputs(args), "seed": config.seed})
-            run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
-                       every_rank=True)
-            targets[name] = stage.folder
-            target_fps[name] = stage.fingerprint
+    for name, stage in finetunes.items():
+        folder = selections[name][0]
+        run_stage(stage, lambda s=stage, f=folder: _finetune(args, config, f, s.folder, out), statuses,
+                  every_rank=True)
+        targets[name] = stage.folder
+        target_fps[name] = stage.fingerprint
 
     if args.push_dataset_id or args.push_adapter_id:
         stage = Stage("push", os.path.join(out, "push"), {

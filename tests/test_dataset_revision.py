@@ -14,7 +14,7 @@ from huggingface_hub import constants
 
 from hf_gradfilter.proxy.config import GradFilterConfig
 from hf_gradfilter.run import engine
-from hf_gradfilter.run.pipeline import RunArguments, make_score_stage
+from hf_gradfilter.run.pipeline import RunArguments, eval_identity, make_finetune_stage, make_score_stage
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 
@@ -121,3 +121,26 @@ def test_a_revision_of_a_local_file_is_refused(tmp_path):
     rows.write_text(json.dumps({"instruction": "Name a drink.", "output": "tea"}) + "\n")
     with pytest.raises(ValueError, match="--dataset_revision v1 is for a Hub dataset"):
         load_rows(str(rows), revision="v1")
+
+
+def test_the_held_out_rows_identity_is_part_of_the_fine_tune_fingerprint(tmp_path, hub):
+    config = GradFilterConfig(output_dir=str(tmp_path / "run"), report_to="none")
+
+    def fingerprint(**run) -> str:
+        args = RunArguments(dataset_name="me/data", **run)
+        return make_finetune_stage(args, config, str(tmp_path / "run"), "x_top10pct", "select-fp",
+                                   eval_identity(args)).fingerprint
+
+    first = fingerprint(eval_dataset_name="me/eval")
+    assert fingerprint(eval_dataset_name="me/eval") == first
+    hub.sha = SHA_B  # the held-out rows changed upstream: the target is fine-tuned (and evaluated) again
+    assert fingerprint(eval_dataset_name="me/eval") != first
+    rows = tmp_path / "eval.jsonl"
+    rows.write_text(json.dumps({"instruction": "Name a drink.", "output": "tea"}) + "\n")
+    local = fingerprint(eval_dataset_name=str(rows))
+    rows.write_text(json.dumps({"instruction": "Name a drink.", "output": "coffee"}) + "\n")
+    assert fingerprint(eval_dataset_name=str(rows)) != local
+    # without held-out rows the inputs are as before the identity was added: older runs stay done
+    args = RunArguments(dataset_name="me/data")
+    assert set(make_finetune_stage(args, config, str(tmp_path / "run"), "x_top10pct", "select-fp",
+                                   eval_identity(args)).inputs) == {"select", "target", "seed"}

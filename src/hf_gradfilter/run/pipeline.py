@@ -173,6 +173,25 @@ def proxy_inputs(config) -> dict:
             if not k.startswith(_NOT_INPUTS) and _LATER_DEFAULTS.get(k, _NOT_INPUTS) != v}
 
 
+def eval_identity(args: RunArguments) -> dict | None:
+    """The identity of ``--eval_dataset_name``'s rows (`engine.named_dataset_identity`: a file's content hash, a
+    Hub dataset's commit), so that changed held-out rows fine-tune again; None without one."""
+    if not args.eval_dataset_name:
+        return None
+    return named_dataset_identity(args.eval_dataset_name, None, args.eval_dataset_split)
+
+
+def make_finetune_stage(args: RunArguments, config, out: str, name: str, select_fingerprint: str,
+                        eval_data: dict | None) -> Stage:
+    """The fine-tune stage of selection ``name``: its inputs are the selection, the ``--target_*``/``--eval_*`` flags,
+    the seed and, with ``--eval_dataset_name``, the held-out rows' identity (`eval_identity`; a Hub commit unknown
+    now is the one the finished stage recorded). Without one the inputs are as before it was added."""
+    folder = os.path.join(out, "finetune", name)
+    return Stage(f"finetune/{name}", folder, {
+        "select": select_fingerprint, "target": _target_inputs(args), "seed": config.seed,
+        **({"eval_data": keep_recorded_revision(eval_data, folder, "eval_data")} if eval_data else {})})
+
+
 def tag(column: str, ratio: float) -> str:
     return f"{column}_top{round(ratio * 100)}pct"
 
@@ -237,9 +256,10 @@ def run(args: RunArguments, config) -> dict:
                 "seed": config.seed if column == "random" else None,
                 "match": args.score_column if column == "random" else None,
                 **({"text_duplicates": args.drop_text_duplicates} if text is not None else {})}))
-    finetunes = {} if args.skip_finetune else {name: Stage(f"finetune/{name}", os.path.join(out, "finetune", name), {
-        "select": stage.fingerprint, "target": _target_inputs(args), "seed": config.seed})
-        for name, (_, _, stage) in selects.items()}
+    eval_data = eval_identity(args)
+    finetunes = {} if args.skip_finetune else {name: make_finetune_stage(args, config, out, name, stage.fingerprint,
+                                                                         eval_data)
+                                               for name, (_, _, stage) in selects.items()}
     if not args.demo and not all(main_decides(stage.done) for stage in finetunes.values()):
         # the target is loaded after scoring: refuse a bad one now (not when every fine-tune is done already)
         check_causal_lm(args.target_model, "--target_model", trust_remote_code=args.trust_remote_code)

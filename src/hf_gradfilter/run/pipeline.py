@@ -248,8 +248,8 @@ def run(args: RunArguments, config) -> dict:
     selects = {}  # name -> (column, ratio, stage)
     for ratio in ratios:
         for column in [args.score_column] + (["random"] if args.baseline_random else []):
-            selects[tag(column, ratio)] = (column, ratio, Stage(f"select/{tag(column, ratio)}", os.path.join(
-                out, "select", tag(column, ratio)), {
+            name = tag(column, ratio)
+            selects[name] = (column, ratio, Stage(f"select/{name}", os.path.join(out, "select", name), {
                 "score": score_stage.fingerprint, "column": column, "ratio": ratio,
                 "group": [args.group_column, args.group_mode],
                 "columns": columns_fp, "near_duplicates": args.drop_near_duplicates,

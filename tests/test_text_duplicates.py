@@ -210,3 +210,32 @@ def test_the_select_verb_drops_the_demo_repeats_and_keeps_what_run_keeps(tmp_pat
     assert len(by_run) == 75 and by_verb.to_pandas().equals(by_run.to_pandas())
     stats = json.loads(Path(tmp_path / "select" / "stats.json").read_text())
     assert stats["num_text_duplicates_dropped"] == dropped and stats["text_duplicates"]["threshold"] == 0.7
+
+
+def test_the_select_verb_reads_the_text_from_the_columns_the_score_run_read(tmp_path, capsys):
+    """A score run over custom column names (question/answer) records them in gradfilter_config.json; select reads
+    the rows' text from those columns, not from the default names."""
+    from hf_gradfilter.cli import main
+
+    rows = make_demo_dataset(num_rows=300)
+    renamed = rows.rename_columns({"instruction": "question", "input": "context", "output": "answer"})
+    renamed = renamed.add_column("neg_energy_token", np.random.default_rng(0).random(len(rows)).tolist())
+    run = tmp_path / "score"
+    renamed.save_to_disk(str(run / "scored"))
+    (run / "gradfilter_config.json").write_text(json.dumps({"config": {
+        "dataset_format": "alpaca", "instruction_column": "question", "input_column": "context",
+        "output_column": "answer"}}))
+    out = tmp_path / "kept"
+    assert main(["select", "--scored", str(run / "scored"), "--ratio", "1.0", "--drop_text_duplicates", "0.7",
+                 "--output", str(out)]) == 0
+    flagged, _ = add_text_duplicate_columns(rows)  # the same rows under the default names
+    expected = int((np.asarray(flagged[td.COLUMN]) >= 0).sum())
+    assert expected > 0 and len(load_from_disk(str(out))) == 300 - expected
+    assert f"Dropped {expected} text near-duplicate rows first" in capsys.readouterr().out
+
+    # a scored dataset moved away from its score run: the default names, and an error naming the columns
+    (run / "gradfilter_config.json").unlink()
+    assert main(["select", "--scored", str(run / "scored"), "--ratio", "1.0", "--drop_text_duplicates", "0.7",
+                 "--output", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "'question'" in err and f"No gradfilter_config.json in {run}" in err and "--proxy_dir" in err

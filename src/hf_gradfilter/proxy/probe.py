@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.columns import read_int_columns
-from ..data.formatting import tokenize_dataset
+from ..data.formatting import InstructionFormat, tokenize_dataset
 from .checkpoint import load_members
 from .sampler import pad_rows
 
@@ -86,6 +86,23 @@ def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
         trainer._activate(trainer.member_names)
         model.train(was_training)
     return out
+
+
+FORMAT_FIELDS = {"dataset_format": "kind", "instruction_column": "instruction_column", "input_column": "input_column",
+                 "output_column": "output_column", "prompt_column": "prompt_column",
+                 "completion_column": "completion_column", "messages_column": "messages_column"}
+
+
+def recorded_format(score_dir: str) -> InstructionFormat | None:
+    """The row format the ``score`` run in ``score_dir`` read its rows with (``dataset_format`` and the
+    ``*_column`` names of its ``gradfilter_config.json``), so later verbs read the scored rows' text from the same
+    columns; ``None`` when the folder holds no such file (the default column names then apply)."""
+    path = os.path.join(score_dir, "gradfilter_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        config = json.load(f).get("config", {})
+    return InstructionFormat(**{field: config[key] for key, field in FORMAT_FIELDS.items() if key in config})
 
 
 def load_proxy(score_dir: str, rows, base_model: str | None = None, need_sketches: bool = True):

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..data.columns import read_columns
 from ..data.io import load_rows, save_rows
+from ..proxy.probe import recorded_format
 from ..scores.formulas import DEFAULT_SCORE
 from ..scores.sketched import sketch_options
 from ..scores.text_duplicates import (
@@ -159,7 +160,8 @@ class SelectArguments:
                 "column sketch_nearest_cos, written by `score --sketch_dim 1024`); --ratio and quotas still count "
                 "every row, so the subset keeps its size."})
     drop_text_duplicates: float | None = field(default=None, metadata={
-        "help": "Never select rows whose text (instruction, input and output; lower-cased, punctuation dropped) "
+        "help": "Never select rows whose text (the columns the score run read, e.g. instruction, input and output; "
+                "lower-cased, punctuation dropped) "
                 f"has word {NGRAM}-gram Jaccard similarity >= this (e.g. 0.7) with an earlier row's: MinHash LSH, each "
                 "match confirmed exactly (columns text_duplicate_of and text_duplicate_jaccard; needs "
                 "`pip install 'hf-gradfilter[dedup]'`); --ratio and quotas still count every row."})
@@ -222,8 +224,16 @@ def select(args: SelectArguments):
         diversity_clusters=args.diversity_clusters, proxy_dir=args.proxy_dir, proxy_model=args.proxy_model,
         seed=args.seed, group_column=args.group_column if args.group_mode == "per_group" else None,
         features=args.features)
-    if args.drop_text_duplicates is not None:
-        scored, text_stats = add_text_duplicate_columns(scored, args.drop_text_duplicates)
+    if args.drop_text_duplicates is not None:  # the text of the columns the score run read
+        folder = args.proxy_dir or os.path.dirname(os.path.abspath(os.path.normpath(args.scored)))
+        fmt = recorded_format(folder)
+        try:
+            scored, text_stats = add_text_duplicate_columns(scored, args.drop_text_duplicates, fmt)
+        except ValueError as err:
+            if fmt is not None:
+                raise
+            raise ValueError(f"{err} (No gradfilter_config.json in {folder} to read the score run's column names "
+                             "from: pass --proxy_dir, the score run's output_dir.)") from None
         sketch_stats.update(text_stats)
     positions, stats = pick_rows(scored, args.score_column, fraction=args.ratio, k=args.top_k,
                                  group_column=args.group_column, group_mode=args.group_mode, quotas=quotas or None,

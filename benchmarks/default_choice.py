@@ -214,7 +214,8 @@ def proxy_record(pool: list[dict], model_dir: str, tokenizer, *, seed: int, memb
         rec.save(str(saved))  # first: a crash below loses nothing
     settings = {k: getattr(args, k, None) for k in ("num_members", "learning_rate", "num_train_epochs", "early_epoch",
                                               "late_epoch", "per_device_train_batch_size", "lora_r", "lora_alpha",
-                                              "record_mode", "max_length", "warmup_ratio", "lr_scheduler_type")}
+                                              "record_mode", "max_length", "warmup_ratio", "lr_scheduler_type",
+                                              "init_lora_weights")}
     return {"seconds": time.time() - t0, "settings": {k: str(v) if not isinstance(v, (int, float)) else v
                                                       for k, v in settings.items()},
             "norms": np.asarray(rec.norms).tolist(), "losses": np.asarray(rec.losses).tolist(),
@@ -222,7 +223,10 @@ def proxy_record(pool: list[dict], model_dir: str, tokenizer, *, seed: int, memb
 
 
 def recipe_tag(args) -> str:
-    return f"lr{args.lr:g}_e{args.epochs}_s{args.seed}_m{args.members}"
+    """``lr<rate>_e<epochs>_s<proxy seed>_m<members>``, then ``_i<init>`` for a LoRA init other than PEFT's default
+    (B = 0)."""
+    init = getattr(args, "init", "true")
+    return f"lr{args.lr:g}_e{args.epochs}_s{args.seed}_m{args.members}" + ("" if init == "true" else f"_i{init}")
 
 
 def cmd_score(args, tokenizer, model_dir, pools, work: Path) -> None:
@@ -238,7 +242,8 @@ def cmd_score(args, tokenizer, model_dir, pools, work: Path) -> None:
                                                                                args.max_length))
         tag = recipe_tag(args)
         overrides = {"learning_rate": args.lr, "num_train_epochs": args.epochs,
-                     "early_epoch": args.early or args.epochs - 1, "late_epoch": args.epochs}
+                     "early_epoch": args.early or args.epochs - 1, "late_epoch": args.epochs,
+                     "init_lora_weights": args.init}
         t0 = time.time()
         rq.cached(work / f"pool{name}_{tag}.json", lambda pool=pool, tag=tag, name=name, kw=overrides: proxy_record(
             pool, model_dir, tokenizer, seed=args.seed, members=args.members, max_length=args.max_length,
@@ -498,7 +503,8 @@ def render_others(res: dict) -> str:
     rows = dict(sorted(rows.items(), key=lambda kv: (kv[1]["pool"], kv[1]["recipe"])))
     pools = sorted({r["pool"] for r in res["others"].values()})
     lines = ["", "## Other recipes and proxy seeds (measured beside the rule, not used by it)", "",
-             "Recipe `lr<rate>_e<epochs>_s<proxy seed>_m<members>`; s and t are the last two epochs. AUROC per "
+             "Recipe `lr<rate>_e<epochs>_s<proxy seed>_m<members>` (`_igaussian`: the members' LoRA A drawn larger, "
+             "B = 0; PEFT's `init_lora_weights='gaussian'`); s and t are the last two epochs. AUROC per "
              "family, and the default's share of clean rows in its top 10% (the pool's share in brackets).", ""]
     for p in pools:
         fams = RULE_FAMILIES[p]
@@ -610,6 +616,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-5, help="proxy learning rate")
     p.add_argument("--epochs", type=int, default=2, help="proxy epochs (the late epoch is the last)")
     p.add_argument("--early", type=int, default=0, help="early epoch s (default: the one before the last)")
+    p.add_argument("--init", default="true", help="the members' LoRA init (init_lora_weights; 'true': B = 0, "
+                   "PEFT's default; 'gaussian': B = 0 with a larger A, which removed the energy's rise on toy proxies, "
+                   "docs/remedies.md)")
     p.add_argument("--work_dir", default="runs/default_choice")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "default_choice"), help="<out>.md / <out>.json")
     p.add_argument("--pool", default="3", choices=["1", "2", "3", "4"], help="downstream: the pool to select from")

@@ -567,6 +567,7 @@ def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> 
                 model_dir, tokenizer, rows(idx), eval_rows, gen_rows, epochs=3, out_dir=str(work / f"target_{t}"),
                 max_new_tokens=64))
             res["bad_share"] = float(np.mean([pool[i]["is_bad"] for i in idx]))
+            res["rows"] = list(idx)  # two proxy seeds may pick the same rows: the table counts distinct subsets
             results[label].append(res)
             print(f"[downstream pool {name} {label} #{j}] rows {len(idx)} bad {res['bad_share']:.0%} "
                   f"loss {res['eval_loss']:.4f} ROUGE-L {res['rougeL']:.4f} "
@@ -597,7 +598,9 @@ def render_downstream(down: dict) -> str:
                     return "—"
                 return fmt.format(np.mean(v)) + (" ± " + fmt.format(np.std(v)) if len(v) > 1 else "")
 
-            lines.append(f"| {label} | {len(runs)} | {np.mean([r['bad_share'] for r in runs]):.0%} | {ms('eval_loss')} "
+            distinct = len({tuple(r["rows"]) for r in runs}) if all("rows" in r for r in runs) else len(runs)
+            n = f"{len(runs)}" + (f" ({distinct} distinct)" if distinct < len(runs) else "")
+            lines.append(f"| {label} | {n} | {np.mean([r['bad_share'] for r in runs]):.0%} | {ms('eval_loss')} "
                          f"| {ms('rougeL')} | {ms('rougeL_len')} | {ms('answer_words', '{:.1f}')} |")
         lines.append("")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.columns import read_int_columns
-from ..data.formatting import InstructionFormat, tokenize_dataset
+from ..data.formatting import DataFormatArguments, InstructionFormat, tokenize_dataset
 from .checkpoint import load_members
 from .sampler import pad_rows
 
@@ -88,11 +88,6 @@ def sketch_rows(trainer, rows, batch_size: int | None = None) -> np.ndarray:
     return out
 
 
-FORMAT_FIELDS = {"dataset_format": "kind", "instruction_column": "instruction_column", "input_column": "input_column",
-                 "output_column": "output_column", "prompt_column": "prompt_column",
-                 "completion_column": "completion_column", "messages_column": "messages_column"}
-
-
 def recorded_format(score_dir: str) -> InstructionFormat | None:
     """The row format the ``score`` run in ``score_dir`` read its rows with (``dataset_format`` and the
     ``*_column`` names of its ``gradfilter_config.json``), so later verbs read the scored rows' text from the same
@@ -102,7 +97,8 @@ def recorded_format(score_dir: str) -> InstructionFormat | None:
         return None
     with open(path) as f:
         config = json.load(f).get("config", {})
-    return InstructionFormat(**{field: config[key] for key, field in FORMAT_FIELDS.items() if key in config})
+    names = {f.name for f in dataclasses.fields(DataFormatArguments)}
+    return DataFormatArguments(**{k: v for k, v in config.items() if k in names}).instruction_format
 
 
 def load_proxy(score_dir: str, rows, base_model: str | None = None, need_sketches: bool = True):

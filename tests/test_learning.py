@@ -86,3 +86,18 @@ def test_a_proxy_at_learning_rate_zero_is_told_it_did_not_learn(tokenizer, demo_
 
     learning = run(5e-3, tmp_path / "lr5e-3").learning_check
     assert learning.loss_drop > 0.0 and not any("did not learn" in w for w in learning.warnings)
+
+
+def test_rising_energy_is_flagged_and_the_warning_points_to_a_score_without_a_drop():
+    rng = np.random.default_rng(1)
+    norms = rng.uniform(1, 2, size=(20, 3, 2))
+    norms[:3, :, 1] = norms[:3, :, 0] * 0.5  # 3 of 20 rows fell: 15%
+    norms[3:, :, 1] = norms[3:, :, 0] * 1.5
+    losses = np.stack([np.full((20, 3), 2.0), np.full((20, 3), 1.0)], axis=2)  # it learned: only the energy warns
+    check = learning_check(record(norms, losses))
+    assert check.energy_fell == pytest.approx(0.15)
+    assert check.verdict == "learned" and len(check.warnings) == 1
+    assert "rose from epoch 1 to 2 for 85% of rows" in check.warnings[0]
+    assert "neg_energy_token" in check.warnings[0]
+    norms[:, :, 1] = norms[:, :, 0] * 0.5  # every row fell: no warning
+    assert learning_check(record(norms, losses)).warnings == []

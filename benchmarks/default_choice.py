@@ -549,9 +549,16 @@ def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> 
                           ".json").read_text())
         scores = keep_scores(run, base)
         for c in args.scores:
-            s = np.asarray(scores[c], float)
-            idx, _ = top_indices(np.where(np.isfinite(s), s, -1e300), k=k)
-            plan[c][seed] = sorted(int(i) for i in idx)
+            score, _, fraction = c.partition("@")
+            s = np.where(np.isfinite(scores[score]), np.asarray(scores[score], float), -1e300)
+            if not fraction:
+                idx, _ = top_indices(s, k=k)
+                plan[c][seed] = sorted(int(i) for i in idx)
+                continue
+            # the score as a filter, not a ranking: k rows drawn at random from its top `fraction`
+            kept = sorted(int(i) for i in top_indices(s, fraction=float(fraction))[0])
+            for draw in args.filter_draws:
+                plan[c][f"{seed}d{draw}"] = sorted(random.Random(draw).sample(kept, k))
     plan["random"] = {seed: sorted(random.Random(seed).sample(range(len(pool)), k)) for seed in args.random_seeds}
     if not args.no_all_rows:
         plan["all rows"] = {0: list(range(len(pool)))}
@@ -585,7 +592,8 @@ def render_downstream(down: dict) -> str:
              "SmolLM2-135M-Instruct fine-tuned with `finetune` (TRL SFTTrainer + LoRA r16, 3 epochs, lr 2e-4) on each "
              "subset; held-out: loss on 64 Self-Instruct user-oriented references, ROUGE-L of greedy answers (at most "
              "64 new tokens) on 32 of them, raw and length-matched (each answer cut to its reference's word count). "
-             "Mean ± std over subsets (`n`: random subsets' seeds; a score's: proxy seeds, each its own record).",
+             "Mean ± std over subsets (`n`: random subsets' seeds; a score's: proxy seeds, each its own record; "
+             "`score@F`: the rows drawn at random from the top fraction F by the score, per proxy seed and draw).",
              ""]
     for key, results in down.items():
         lines += [f"### {key.replace('_', ', top ')} rows", "",
@@ -625,7 +633,10 @@ def main(argv=None):
     p.add_argument("--work_dir", default="runs/default_choice")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "default_choice"), help="<out>.md / <out>.json")
     p.add_argument("--pool", default="3", choices=["1", "2", "3", "4"], help="downstream: the pool to select from")
-    p.add_argument("--scores", nargs="+", default=["fit_rank"], help="downstream: keep-scores to fine-tune on")
+    p.add_argument("--scores", nargs="+", default=["fit_rank"], help="downstream: keep-scores to fine-tune on; "
+                   "SCORE@F: --subset_rows rows drawn at random from the top fraction F by SCORE (a filter)")
+    p.add_argument("--filter_draws", type=int, nargs="*", default=[0], help="downstream: draws per proxy seed of "
+                   "each SCORE@F subset")
     p.add_argument("--subset_rows", type=int, default=100)
     p.add_argument("--random_seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--proxy_seeds", type=int, nargs="*", default=[], help="downstream: proxy seeds (default --seed)")

@@ -538,6 +538,7 @@ def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> 
     rows; held-out loss and ROUGE-L. Result files are named by the recipe of ``--seed`` and the subset's index
     (a score's: its proxy seed; random's: its subset seed)."""
     from hf_gradfilter.selection import top_indices
+    from hf_gradfilter.selection.top import top_indices_by_group
 
     name, tag = args.pool, recipe_tag(args)
     pool = pools[name]
@@ -550,7 +551,14 @@ def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> 
         scores = keep_scores(run, base)
         for c in args.scores:
             score, _, fraction = c.partition("@")
+            score, _, strata = score.partition("~")
             s = np.where(np.isfinite(scores[score]), np.asarray(scores[score], float), -1e300)
+            if strata:  # the top k/N of every decile of the frozen base's `strata` column (e.g. base_loss)
+                v = np.asarray(base[strata], float)
+                decile = np.searchsorted(np.nanquantile(v, np.linspace(0.1, 0.9, 9)), v, side="right")
+                idx, _ = top_indices_by_group(s, decile, fraction=k / len(pool), mode="per_group")
+                plan[c][seed] = sorted(int(i) for i in idx)
+                continue
             if not fraction:
                 idx, _ = top_indices(s, k=k)
                 plan[c][seed] = sorted(int(i) for i in idx)
@@ -582,7 +590,8 @@ def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> 
                   f" {res['seconds']:.0f}s", flush=True)
     path = out.with_suffix(".json")
     saved = json.loads(path.read_text()) if path.exists() else {}
-    saved.setdefault("downstream", {})[f"pool{name}_{k}"] = results
+    table = saved.setdefault("downstream", {}).setdefault(f"pool{name}_{k}", {})
+    table.update({label: res for label, res in results.items() if res})  # other labels' earlier runs are kept
     path.write_text(json.dumps(saved, indent=1))
     return results
 
@@ -593,7 +602,8 @@ def render_downstream(down: dict) -> str:
              "subset; held-out: loss on 64 Self-Instruct user-oriented references, ROUGE-L of greedy answers (at most "
              "64 new tokens) on 32 of them, raw and length-matched (each answer cut to its reference's word count). "
              "Mean ± std over subsets (`n`: random subsets' seeds; a score's: proxy seeds, each its own record; "
-             "`score@F`: the rows drawn at random from the top fraction F by the score, per proxy seed and draw).",
+             "`score@F`: the rows drawn at random from the top fraction F by the score, per proxy seed and draw; "
+             "`score~col`: the top share by the score within every decile of the frozen base's col).",
              ""]
     for key, results in down.items():
         lines += [f"### {key.replace('_', ', top ')} rows", "",
@@ -634,7 +644,9 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE.parent / "docs" / "default_choice"), help="<out>.md / <out>.json")
     p.add_argument("--pool", default="3", choices=["1", "2", "3", "4"], help="downstream: the pool to select from")
     p.add_argument("--scores", nargs="+", default=["fit_rank"], help="downstream: keep-scores to fine-tune on; "
-                   "SCORE@F: --subset_rows rows drawn at random from the top fraction F by SCORE (a filter)")
+                   "SCORE@F: --subset_rows rows drawn at random from the top fraction F by SCORE (a filter); "
+                   "SCORE~COL: the top share by SCORE of every decile of the frozen base's COL (base_loss, length): "
+                   "a subset as hard as the pool")
     p.add_argument("--filter_draws", type=int, nargs="*", default=[0], help="downstream: draws per proxy seed of "
                    "each SCORE@F subset")
     p.add_argument("--subset_rows", type=int, default=100)

@@ -166,7 +166,7 @@ def build_pools(tokenizer, args) -> dict[str, list[dict]]:
     pool2, pool3 = other_pools(tokenizer, pool1 + candidates[:400], n_clean=args.clean,
                                per_damage=args.per_damage, max_row_tokens=args.max_row_tokens)
     pools = {"1": pool1, "2": pool2, "3": pool3}
-    if "4" in (*args.pools, args.pool) or args.command == "report":
+    if "4" in (*args.pools, args.pool) or args.command in ("report", "downstream"):  # both report every pool
         pools["4"] = fourth_pool(tokenizer, pool1 + candidates[:400], n_clean=900, per_damage=20,
                                  max_row_tokens=args.max_row_tokens)
     return pools

@@ -400,6 +400,12 @@ def cmd_report(args, pools, work: Path, out: Path) -> dict:
         result["reused"] = {"pools": sorted(saved), "versions": old.get("versions")}
     if old.get("downstream"):
         result["downstream"] = old["downstream"]
+        for key, table in result["downstream"].items():  # how hard each subset is for the frozen base
+            base_path = work / f"{key.split('_')[0]}_base.json"
+            if base_path.exists():
+                base_loss = np.asarray(json.loads(base_path.read_text())["base_loss"], float)
+                for r in (r for runs in table.values() for r in runs if "rows" in r):
+                    r["base_loss"] = float(np.nanmean(base_loss[r["rows"]]))
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -603,22 +609,26 @@ def render_downstream(down: dict) -> str:
              "64 new tokens) on 32 of them, raw and length-matched (each answer cut to its reference's word count). "
              "Mean ± std over subsets (`n`: random subsets' seeds; a score's: proxy seeds, each its own record; "
              "`score@F`: the rows drawn at random from the top fraction F by the score, per proxy seed and draw; "
-             "`score~col`: the top share by the score within every decile of the frozen base's col).",
+             "`score~col`: the top share by the score within every decile of the frozen base's col). `base loss of its "
+             "rows`: the frozen base's mean response loss over the subset's rows (how easy the subset is for it).",
              ""]
     for key, results in down.items():
         lines += [f"### {key.replace('_', ', top ')} rows", "",
-                  "| subset | n | bad rows | held-out loss | ROUGE-L | ROUGE-L (length-matched) | answer words |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| subset | n | bad rows | base loss of its rows | held-out loss | ROUGE-L "
+                  "| ROUGE-L (length-matched) | answer words |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, runs in results.items():
             def ms(field, fmt="{:.4f}", runs=runs):
                 v = [r[field] for r in runs if field in r]
                 if not v:
                     return "—"
-                return fmt.format(np.mean(v)) + (" ± " + fmt.format(np.std(v)) if len(v) > 1 else "")
+                return (fmt.format(np.mean(v)) + (" ± " + fmt.format(np.std(v)) if len(v) > 1 else "")
+                        + (f" ({len(v)} of {len(runs)})" if len(v) < len(runs) else ""))
 
             distinct = len({tuple(r["rows"]) for r in runs}) if all("rows" in r for r in runs) else len(runs)
             n = f"{len(runs)}" + (f" ({distinct} distinct)" if distinct < len(runs) else "")
-            lines.append(f"| {label} | {n} | {np.mean([r['bad_share'] for r in runs]):.0%} | {ms('eval_loss')} "
+            bad = np.mean([r["bad_share"] for r in runs])
+            lines.append(f"| {label} | {n} | {bad:.0%} | {ms('base_loss', '{:.2f}')} | {ms('eval_loss')} "
                          f"| {ms('rougeL')} | {ms('rougeL_len')} | {ms('answer_words', '{:.1f}')} |")
         lines.append("")
     return "\n".join(lines)

@@ -559,20 +559,18 @@ def cmd_downstream(args, tokenizer, model_dir, pools, work: Path, out: Path) -> 
             score, _, fraction = c.partition("@")
             score, _, strata = score.partition("~")
             s = np.where(np.isfinite(scores[score]), np.asarray(scores[score], float), -1e300)
+            if fraction:  # the score as a filter, not a ranking: k rows drawn at random from its top `fraction`
+                kept = sorted(int(i) for i in top_indices(s, fraction=float(fraction))[0])
+                for draw in args.filter_draws:
+                    plan[c][f"{seed}d{draw}"] = sorted(random.Random(draw).sample(kept, k))
+                continue
             if strata:  # the top k/N of every decile of the frozen base's `strata` column (e.g. base_loss)
                 v = np.asarray(base[strata], float)
                 decile = np.searchsorted(np.nanquantile(v, np.linspace(0.1, 0.9, 9)), v, side="right")
                 idx, _ = top_indices_by_group(s, decile, fraction=k / len(pool), mode="per_group")
-                plan[c][seed] = sorted(int(i) for i in idx)
-                continue
-            if not fraction:
+            else:
                 idx, _ = top_indices(s, k=k)
-                plan[c][seed] = sorted(int(i) for i in idx)
-                continue
-            # the score as a filter, not a ranking: k rows drawn at random from its top `fraction`
-            kept = sorted(int(i) for i in top_indices(s, fraction=float(fraction))[0])
-            for draw in args.filter_draws:
-                plan[c][f"{seed}d{draw}"] = sorted(random.Random(draw).sample(kept, k))
+            plan[c][seed] = sorted(int(i) for i in idx)
     plan["random"] = {seed: sorted(random.Random(seed).sample(range(len(pool)), k)) for seed in args.random_seeds}
     if not args.no_all_rows:
         plan["all rows"] = {0: list(range(len(pool)))}
